@@ -1,0 +1,1 @@
+"""The benchmark harness: ``python -m lowmem.bench {train,micro}`` and pytest-benchmark suites."""
