@@ -136,7 +136,12 @@ def median_ms(
 
 
 def _rows(
-    op: str, shape: str, dtype: torch.dtype, device: torch.device, nbytes: int, flops: int,
+    op: str,
+    shape: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    nbytes: int,
+    flops: int,
     timings: list[tuple[str, float]],
 ) -> list[Row]:
     """Rows for one op; ``timings[0]`` is the baseline the others' speedups refer to."""
@@ -144,9 +149,18 @@ def _rows(
     base_ms = timings[0][1]
     return [
         Row(
-            op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), backend=backend, median_ms=ms,
-            bytes=nbytes, flops=flops, gbs=nbytes / (ms * 1e-3) / 1e9, tflops=flops / (ms * 1e-3) / 1e12,
-            peak_gbs=peak_gbs, peak_tflops=peak_tflops, speedup=base_ms / ms,
+            op=op,
+            shape=shape,
+            dtype=str(dtype).removeprefix("torch."),
+            backend=backend,
+            median_ms=ms,
+            bytes=nbytes,
+            flops=flops,
+            gbs=nbytes / (ms * 1e-3) / 1e9,
+            tflops=flops / (ms * 1e-3) / 1e12,
+            peak_gbs=peak_gbs,
+            peak_tflops=peak_tflops,
+            speedup=base_ms / ms,
         )
         for backend, ms in timings
     ]
@@ -201,13 +215,22 @@ def bench_adam_direction(numel: int, dtype: torch.dtype, device: torch.device, *
     t_fused, t_base = tensors(), tensors()
     out = torch.empty_like(t_fused[0])
     timings = _time_all(
-        "adam_direction", device, lambda: adam_direction_ref(*t_base, **kw),
-        lambda: fused(*t_fused, out=out, **kw), None, **timing,
+        "adam_direction",
+        device,
+        lambda: adam_direction_ref(*t_base, **kw),
+        lambda: fused(*t_fused, out=out, **kw),
+        None,
+        **timing,
     )
     size = torch.tensor([], dtype=dtype).element_size()
     return _rows(
-        "adam_direction", f"N={numel}", dtype, device, adam_direction_bytes(numel, size),
-        adam_direction_flops(numel), timings,
+        "adam_direction",
+        f"N={numel}",
+        dtype,
+        device,
+        adam_direction_bytes(numel, size),
+        adam_direction_flops(numel),
+        timings,
     )
 
 
@@ -255,8 +278,13 @@ def bench_lowrank_update(
     timings = _time_all("lowrank_update", device, run_unfused, run_fused, run_ref, **timing)
     size = torch.tensor([], dtype=dtype).element_size()
     return _rows(
-        f"lowrank_update/{orientation}", f"{m}x{n} r={r}", dtype, device,
-        lowrank_update_bytes(m, n, r, size), lowrank_update_flops(m, n, r), timings,
+        f"lowrank_update/{orientation}",
+        f"{m}x{n} r={r}",
+        dtype,
+        device,
+        lowrank_update_bytes(m, n, r, size),
+        lowrank_update_flops(m, n, r),
+        timings,
     )
 
 
@@ -266,12 +294,35 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """The rows as an aligned text table."""
-    header = ["op", "shape", "dtype", "backend", "median ms", "bytes", "FLOPs", "GB/s", "TFLOP/s",
-              "peak GB/s", "peak TFLOP/s", "speedup"]
+    header = [
+        "op",
+        "shape",
+        "dtype",
+        "backend",
+        "median ms",
+        "bytes",
+        "FLOPs",
+        "GB/s",
+        "TFLOP/s",
+        "peak GB/s",
+        "peak TFLOP/s",
+        "speedup",
+    ]
     body = [
-        [r.op, r.shape, r.dtype, r.backend, f"{r.median_ms:.4f}", f"{r.bytes:.3e}", f"{r.flops:.3e}",
-         f"{r.gbs:.1f}", f"{r.tflops:.3f}", _fmt(r.peak_gbs, ".0f"), _fmt(r.peak_tflops, ".0f"),
-         f"{r.speedup:.2f}x"]
+        [
+            r.op,
+            r.shape,
+            r.dtype,
+            r.backend,
+            f"{r.median_ms:.4f}",
+            f"{r.bytes:.3e}",
+            f"{r.flops:.3e}",
+            f"{r.gbs:.1f}",
+            f"{r.tflops:.3f}",
+            _fmt(r.peak_gbs, ".0f"),
+            _fmt(r.peak_tflops, ".0f"),
+            f"{r.speedup:.2f}x",
+        ]
         for r in rows
     ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
@@ -299,11 +350,18 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m lowmem.bench.micro [--device D] [--dtype T] [--sizes S] [--json P]``."""
     parser = argparse.ArgumentParser(prog="python -m lowmem.bench micro", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to time on (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device to time on (default: cuda if available, else cpu)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tensor dtype")
-    parser.add_argument("--sizes", choices=sorted(SIZES), default="default",
-                        help="size preset; 'default' finishes in well under a minute on 2 CPU cores")
+    parser.add_argument(
+        "--sizes",
+        choices=sorted(SIZES),
+        default="default",
+        help="size preset; 'default' finishes in well under a minute on 2 CPU cores",
+    )
     parser.add_argument("--iters", type=int, default=30, help="timed calls per measurement (max)")
     parser.add_argument("--budget-s", type=float, default=2.0, help="time cap per measurement (s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -317,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda requested but CUDA is not available")
     rows = run(device, DTYPES[args.dtype], args.sizes, iters=args.iters, budget_s=args.budget_s)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"lowmem micro-benchmarks on {device_name} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads); speedup = unfused median / median")
+    print(
+        f"lowmem micro-benchmarks on {device_name} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads); speedup = unfused median / median"
+    )
     print(format_table(rows))
     if args.json:
         meta = {"device": device_name, "torch": torch.__version__, "dtype": args.dtype, "sizes": args.sizes}

@@ -24,8 +24,10 @@ Two ways to find the basis:
     drawn from a generator seeded by a pure function of ``(seed, shape, step)``, never from the
     global RNG or the parameter's position in the optimizer, so runs and resumes reproduce.
 
-Signs are fixed deterministically (the largest-magnitude entry of each singular vector is made
-positive), so refreshing on a nearly identical gradient does not flip basis vectors.
+Signs are fixed deterministically: each new singular vector points the way its predecessor in
+the previous basis did (the first basis: its largest-magnitude entry is positive), so refreshing
+on a nearly identical gradient does not flip basis vectors, and moments kept across a refresh
+keep their meaning.
 """
 
 from __future__ import annotations
@@ -89,14 +91,22 @@ def _gaussian(rows: int, cols: int, seed: int, like: Tensor) -> Tensor:
     return torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(like.device)
 
 
-def _fix_signs(left: Tensor, right_rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Flip each singular pair so that its right vector's largest-magnitude entry is positive.
+def _fix_signs(left: Tensor, right_rows: Tensor, previous_rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Choose each singular pair's sign deterministically; returns ``(left, right_rows)`` flipped.
 
-    ``left``: m×k (columns are vectors), ``right_rows``: k×n (rows are vectors). The same sign
-    goes to both halves of a pair, so ``left @ diag(s) @ right_rows`` is unchanged.
+    With a previous basis (k×n rows, same shape) each new vector is turned to point the way its
+    predecessor did (non-negative dot product), so a refresh on a similar gradient never flips a
+    coordinate of the subspace: moments kept across the refresh (``on_refresh="keep"``) keep
+    their meaning. Without one, or where a dot product is exactly 0, the largest-magnitude
+    entry of the right vector is made positive. ``left``: m×k (columns are vectors),
+    ``right_rows``: k×n (rows are vectors); a pair gets one sign, so ``left·diag(s)·right_rows``
+    is unchanged.
     """
     idx = right_rows.abs().argmax(dim=1, keepdim=True)
     signs = torch.gather(right_rows, 1, idx).sign()
+    if previous_rows is not None and previous_rows.shape == right_rows.shape:
+        alignment = (right_rows * previous_rows.to(right_rows.dtype)).sum(dim=1, keepdim=True).sign()
+        signs = torch.where(alignment != 0, alignment, signs)
     signs[signs == 0] = 1
     return left * signs.t(), right_rows * signs
 
@@ -104,7 +114,7 @@ def _fix_signs(left: Tensor, right_rows: Tensor) -> tuple[Tensor, Tensor]:
 def _svd_basis(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Top-``rank`` singular vectors (U: m×r, Vh: r×n) by exact thin SVD."""
     u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return _fix_signs(u[:, :rank], vh[:rank])
+    return u[:, :rank], vh[:rank]
 
 
 def _randomized_basis(
@@ -118,7 +128,7 @@ def _randomized_basis(
     """
     m, n = matrix.shape
     k = min(rank + OVERSAMPLE, m, n)
-    if warm_right is not None and warm_right.shape == (rank, n) and torch.isfinite(warm_right).all():
+    if warm_right is not None and warm_right.shape == (rank, n):
         fresh = _gaussian(n, k - rank, seed, matrix) if k > rank else matrix.new_zeros(n, 0)
         start = torch.cat([warm_right.t().to(matrix.dtype), fresh.to(matrix.dtype)], dim=1)
     else:
@@ -128,7 +138,7 @@ def _randomized_basis(
         basis = torch.linalg.qr(matrix.t() @ (matrix @ basis)).Q
     # Rayleigh–Ritz: the SVD of the m×k sketch G·Y gives the singular vectors within span(Y).
     u, _, vh_small = torch.linalg.svd(matrix @ basis, full_matrices=False)
-    return _fix_signs(u[:, :rank], vh_small[:rank] @ basis.t())
+    return u[:, :rank], vh_small[:rank] @ basis.t()
 
 
 def compute_basis(
@@ -161,13 +171,17 @@ def compute_basis(
         # For a left basis work on Gᵀ, whose right singular vectors are G's left ones; this keeps
         # the warm start (P: m×r) in the space that the subspace iteration runs in.
         work = work.t()
+    # The previous basis as k×n rows of the matrix worked on: warm start and sign reference.
+    previous = warm_left.t() if transposed and warm_left is not None else (None if transposed else warm_right)
+    if previous is not None and not bool(torch.isfinite(previous).all()):
+        previous = None
     if method == "svd":
         u, vh = _svd_basis(work, rank)
     elif method == "randomized":
-        warm = warm_left.t() if transposed and warm_left is not None else warm_right
-        u, vh = _randomized_basis(work, rank, stable_seed(seed, tuple(grad.shape), step), warm)
+        u, vh = _randomized_basis(work, rank, stable_seed(seed, tuple(grad.shape), step), previous)
     else:
         raise ValueError(f"Invalid projector: {method!r}; choose one of {PROJECTORS}")
+    u, vh = _fix_signs(u, vh, previous)
     if transposed:
         return vh.t().to(grad.dtype).contiguous(), None
     if side == "right":

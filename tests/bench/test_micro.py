@@ -71,8 +71,19 @@ def test_cost_models_follow_the_formulas(report: tuple[dict, str]) -> None:
 def test_table_is_printed(report: tuple[dict, str]) -> None:
     _, out = report
     header = out.splitlines()[1]
-    for column in ("op", "shape", "dtype", "backend", "median ms", "bytes", "FLOPs", "GB/s", "TFLOP/s",
-                   "peak GB/s", "speedup"):
+    for column in (
+        "op",
+        "shape",
+        "dtype",
+        "backend",
+        "median ms",
+        "bytes",
+        "FLOPs",
+        "GB/s",
+        "TFLOP/s",
+        "peak GB/s",
+        "speedup",
+    ):
         assert column in header
     assert "lowrank_update/full" in out
 

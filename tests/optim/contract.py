@@ -28,7 +28,8 @@ from lowmem.optim import GaLoreAdamW
 # ---------------------------------------------------------------------------------------------
 # Independent fp64 reference of GaLore-AdamW, written from the paper (Zhao et al. 2024, Alg. 2)
 # and the documented conventions: torch.optim.AdamW's eps placement and decay order, signs
-# fixed so each right singular vector's largest-magnitude entry is positive, refresh on the
+# fixed so each new basis vector has a non-negative dot product with its predecessor (the first
+# basis: each right singular vector's largest-magnitude entry is positive), refresh on the
 # first step and every ``gap`` steps after, moments kept / carried / reset on a refresh.
 # ---------------------------------------------------------------------------------------------
 
@@ -39,15 +40,29 @@ def _signs_from_rows(rows: Tensor) -> Tensor:
     return torch.where(picked < 0, -1.0, 1.0).to(rows.dtype)
 
 
-def reference_basis(grad: Tensor, rank: int, side: str) -> tuple[Tensor | None, Tensor | None]:
-    """Exact top-``rank`` singular vectors of ``grad``: (P: m×r or None, Q: r×n or None)."""
+def _signs_aligned(rows: Tensor, previous: Tensor | None) -> Tensor:
+    """+1/-1 per row: the sign of its dot product with the previous row where that is nonzero,
+    else the sign that makes its largest-magnitude entry positive."""
+    signs = _signs_from_rows(rows)
+    if previous is None:
+        return signs
+    dots = (rows * previous).sum(dim=1)
+    return torch.where(dots > 0, 1.0, torch.where(dots < 0, -1.0, signs)).to(rows.dtype)
+
+
+def reference_basis(
+    grad: Tensor, rank: int, side: str, previous: tuple[Tensor | None, Tensor | None] = (None, None)
+) -> tuple[Tensor | None, Tensor | None]:
+    """Exact top-``rank`` singular vectors of ``grad``: (P: m×r or None, Q: r×n or None), signed
+    to agree with the ``previous`` (P, Q) basis when there is one."""
     u, _, vh = torch.linalg.svd(grad, full_matrices=False)
     p, q = u[:, :rank], vh[:rank]
-    if side == "right":
-        return None, q * _signs_from_rows(q)[:, None]
     if side == "left":
-        return p * _signs_from_rows(p.T)[None, :], None
-    signs = _signs_from_rows(q)  # a singular pair keeps one sign: the right vector's
+        prev_rows = None if previous[0] is None else previous[0].T
+        return p * _signs_aligned(p.T, prev_rows)[None, :], None
+    signs = _signs_aligned(q, previous[1])  # a singular pair keeps one sign: the right vector's
+    if side == "right":
+        return None, q * signs[:, None]
     return p * signs[None, :], q * signs[:, None]
 
 
@@ -96,7 +111,7 @@ class GaLoreReference:
     def step(self, grad: Tensor) -> Tensor:
         self.t += 1
         if self.last is None or self.t - self.last >= self.gap:
-            p, q = reference_basis(grad, self.rank, self.side)
+            p, q = reference_basis(grad, self.rank, self.side, (self.p, self.q))
             if self.m is not None and self.on_refresh == "project":
                 if q is not None:
                     rot = self.q @ q.T

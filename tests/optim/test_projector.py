@@ -144,6 +144,23 @@ def test_signs_are_canonical(side: str) -> None:
         assert torch.allclose(left, -left_neg, atol=1e-12)  # the pair's sign follows the right vector
 
 
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+@pytest.mark.parametrize("side", SIDES)
+def test_a_refresh_keeps_each_vector_pointing_like_its_predecessor(method: str, side: str) -> None:
+    """With a previous basis, new vectors are signed to agree with it, whatever the canonical sign."""
+    g = matrix_with_spectrum(30, 20, torch.linspace(5, 0.5, 20), seed=3)
+    left, right = compute_basis(g, 4, side, "svd")
+    flip = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)  # a previous basis with other signs
+    prev_left = None if left is None else left * flip[None, :]
+    prev_right = None if right is None else right * flip[:, None]
+    new_left, new_right = compute_basis(g, 4, side, method, warm_left=prev_left, warm_right=prev_right)
+    for new, prev, dim in ((new_left, prev_left, 0), (new_right, prev_right, 1)):
+        if new is not None:
+            assert ((new * prev).sum(dim=dim) > 0.99).all()
+    if side == "full":  # a singular pair still shares one sign: P diag(s) Q is unchanged
+        torch.testing.assert_close(new_left @ new_right, left @ right, atol=1e-8, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_basis_dtype_follows_the_gradient(dtype: torch.dtype) -> None:
     g = torch.randn(16, 10, generator=torch.Generator().manual_seed(0)).to(dtype)

@@ -1,0 +1,189 @@
+"""The optimizer registry of the training benchmark: name -> factory(model, settings) -> optimizer.
+
+Every factory gets the same :class:`OptimizerSettings` (lr, weight decay, betas, eps, GaLore
+options), so optimizers differ only in their algorithm. Entries whose package is missing report why
+through ``unavailable_reason`` and are skipped by the harness with a printed note.
+
+- ``adamw``: ``torch.optim.AdamW`` over all parameters, the baseline.
+- ``galore``: ``lowmem.optim.GaLoreAdamW`` (Zhao et al. 2024, "GaLore: Memory-Efficient LLM
+  Training by Gradient Low-Rank Projection"), low-rank groups from
+  ``lowmem.optim.lowrank_param_groups``.
+- ``galore-torch``: the authors' ``galore_torch.GaLoreAdamW`` with the same two groups. It is
+  built on the legacy HuggingFace AdamW: weight decay is applied after the update (torch's AdamW
+  applies it before), its eps default is 1e-6 (we pass ours), its ``step`` is a Python int and its
+  projector a Python object in the state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+#: The LLaMA linear layers whose weights get low-rank optimizer states (embeddings and the LM head
+#: stay full-rank, as in the GaLore paper).
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Hyperparameters shared by every optimizer of one benchmark run.
+
+    ``projector`` and ``on_refresh`` are passed to lowmem's GaLore only when set, so its own
+    defaults apply otherwise; galore-torch has neither option and ignores them.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    rank: int = 64
+    update_proj_gap: int = 50
+    scale: float = 0.25
+    proj_type: str = "std"
+    projector: str | None = None
+    on_refresh: str | None = None
+    seed: int = 0
+    target_modules: tuple[str, ...] = field(default=LLAMA_TARGET_MODULES)
+
+
+Factory = Callable[[nn.Module, OptimizerSettings], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One registry entry: how to build the optimizer and how to tell it cannot be built here."""
+
+    name: str
+    description: str
+    factory: Factory
+    unavailable_reason: Callable[[], str | None]
+    #: Peak lr used when the command line sets none: each method at its own best on the default
+    #: benchmark (see DEFAULT_LRS), since a shared lr would favour whichever method it suits.
+    default_lr: float
+
+
+def split_lowrank_params(
+    model: nn.Module, target_modules: tuple[str, ...]
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(lowrank, other)``: weights of ``nn.Linear`` modules whose last name part is a target, and
+    every other parameter. This is the selection ``lowmem.optim.lowrank_param_groups`` makes; the
+    galore-torch entry uses it so both GaLores project exactly the same matrices."""
+    targets = set(target_modules)
+    lowrank = [
+        module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    chosen = {id(p) for p in lowrank}
+    other = [p for p in model.parameters() if id(p) not in chosen]
+    return lowrank, other
+
+
+def _build_adamw(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        model.parameters(), lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
+    )
+
+
+def _build_lowmem_galore(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    from lowmem.optim import GaLoreAdamW, lowrank_param_groups
+
+    options: dict[str, Any] = {
+        "update_proj_gap": s.update_proj_gap,
+        "scale": s.scale,
+        "proj_type": s.proj_type,
+        "seed": s.seed,
+    }
+    if s.projector is not None:
+        options["projector"] = s.projector
+    if s.on_refresh is not None:
+        options["on_refresh"] = s.on_refresh
+    groups = lowrank_param_groups(model, target_modules=list(s.target_modules), rank=s.rank, **options)
+    return GaLoreAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+
+
+def _build_galore_torch(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    import galore_torch
+
+    lowrank, other = split_lowrank_params(model, s.target_modules)
+    groups = [
+        {
+            "params": lowrank,
+            "rank": s.rank,
+            "update_proj_gap": s.update_proj_gap,
+            "scale": s.scale,
+            "proj_type": s.proj_type,
+        },
+        {"params": other},
+    ]
+    with warnings.catch_warnings():
+        # The legacy HF AdamW warns that it is deprecated on every construction.
+        warnings.simplefilter("ignore", FutureWarning)
+        return galore_torch.GaLoreAdamW(
+            groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
+        )
+
+
+def _always_available() -> str | None:
+    return None
+
+
+def _lowmem_galore_missing() -> str | None:
+    try:
+        optim = importlib.import_module("lowmem.optim")
+    except ImportError as error:  # pragma: no cover - lowmem.optim is part of this package
+        return f"lowmem.optim failed to import: {error}"
+    missing = [n for n in ("GaLoreAdamW", "lowrank_param_groups") if not hasattr(optim, n)]
+    return f"lowmem.optim has no {', '.join(missing)} yet" if missing else None
+
+
+def _galore_torch_missing() -> str | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importlib.import_module("galore_torch")
+    except Exception as error:  # ImportError, or a broken optional dependency (bitsandbytes)
+        return f"galore_torch is not importable ({type(error).__name__}: {error}); pip install galore-torch"
+    return None
+
+
+#: Peak learning rates, tuned on the default ``train`` benchmark (tiny preset, 200 steps, 3 seeds).
+#: AdamW: 1e-3 beat 3e-3 and 6e-3. GaLore (scale 0.25 shrinks its step): 6e-3 beat 1e-3, 3e-3 and
+#: 1.2e-2. Both GaLores share one lr so that they are compared at equal settings.
+DEFAULT_LRS = {"adamw": 1e-3, "galore": 6e-3, "galore-torch": 6e-3}
+
+REGISTRY: dict[str, OptimizerEntry] = {
+    entry.name: entry
+    for entry in (
+        OptimizerEntry("adamw", "torch.optim.AdamW", _build_adamw, _always_available, DEFAULT_LRS["adamw"]),
+        OptimizerEntry(
+            "galore",
+            "lowmem.optim.GaLoreAdamW",
+            _build_lowmem_galore,
+            _lowmem_galore_missing,
+            DEFAULT_LRS["galore"],
+        ),
+        OptimizerEntry(
+            "galore-torch",
+            "galore_torch.GaLoreAdamW (authors' code)",
+            _build_galore_torch,
+            _galore_torch_missing,
+            DEFAULT_LRS["galore-torch"],
+        ),
+    )
+}
+
+DEFAULT_OPTIMIZERS = ("adamw", "galore", "galore-torch")
+
+
+def build_optimizer(name: str, model: nn.Module, settings: OptimizerSettings) -> torch.optim.Optimizer:
+    """Build registry entry ``name`` for ``model``; KeyError names the known entries."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown optimizer {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name].factory(model, settings)

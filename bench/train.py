@@ -1,0 +1,287 @@
+"""``python -m lowmem.bench train``: train a small LLaMA on the standard library's source and compare
+optimizers side by side.
+
+With no arguments it trains the ``tiny`` preset for 200 steps with ``torch.optim.AdamW``, lowmem's
+``GaLoreAdamW`` and (when importable) galore-torch's ``GaLoreAdamW``, on 3 paired seeds, in a few
+minutes on 2 CPU cores, then prints one row per optimizer: final train loss, validation loss (mean
+± std over seeds) and its paired difference to AdamW, validation perplexity, median step and
+optimizer-step times, optimizer-state bytes and peak tensor memory, with ratios to AdamW.
+Results (per run, including loss curves) go to ``bench_results/train.json``; loss curves to
+``bench_results/train.png`` when matplotlib is installed.
+
+All optimizers share lr, weight decay, betas, eps, the warm-up + cosine schedule, gradient clipping
+and data order; ``--lr-for NAME=LR`` overrides the lr of one optimizer (GaLore papers tune it
+separately), and is recorded in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowmem.bench.corpus import fixed_windows, load_corpus
+from lowmem.bench.loop import RunConfig, train_one
+from lowmem.bench.model import PRESETS
+from lowmem.bench.optimizers import DEFAULT_OPTIMIZERS, REGISTRY, OptimizerSettings
+from lowmem.bench.report import BASELINE, format_table, plot_curves, summarize, write_json
+
+#: Seed of the fixed validation windows: the same for every optimizer, seed and run.
+VAL_WINDOW_SEED = 1234
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``train`` subcommand's argument parser."""
+    defaults = OptimizerSettings()
+    p = argparse.ArgumentParser(
+        prog="python -m lowmem.bench train",
+        description="Train a small LLaMA on the Python standard library's source; compare optimizers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--optimizers",
+        default=",".join(DEFAULT_OPTIMIZERS),
+        help=f"comma list of registry names ({', '.join(REGISTRY)})",
+    )
+    p.add_argument("--steps", type=int, default=200, help="training steps per run")
+    p.add_argument("--model", choices=sorted(PRESETS), default="tiny", help="model size preset")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="number of paired seeds first-seed, first-seed+1, ... (same seed: same init and data)",
+    )
+    p.add_argument("--first-seed", type=int, default=0, help="first seed")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step")
+    p.add_argument("--seq-len", type=int, default=128, help="bytes per window (model context)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate for every optimizer (default: each optimizer's tuned lr, "
+        + ", ".join(f"{name} {entry.default_lr:g}" for name, entry in REGISTRY.items())
+        + ")",
+    )
+    p.add_argument(
+        "--lr-for",
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="per-optimizer peak lr override, e.g. --lr-for galore=1e-2 (repeatable)",
+    )
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="decoupled weight decay")
+    p.add_argument("--rank", type=int, default=defaults.rank, help="GaLore rank")
+    p.add_argument(
+        "--update-proj-gap",
+        type=int,
+        default=defaults.update_proj_gap,
+        help="GaLore steps between projector refreshes",
+    )
+    p.add_argument("--scale", type=float, default=defaults.scale, help="GaLore update scale")
+    p.add_argument(
+        "--projector",
+        choices=["svd", "randomized"],
+        default=None,
+        help="lowmem GaLore projector (default: the optimizer's own)",
+    )
+    p.add_argument(
+        "--on-refresh",
+        choices=["keep", "project", "reset"],
+        default=None,
+        help="lowmem GaLore moment handling at a refresh (default: the optimizer's own)",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=_available_cpus(), help="torch CPU threads")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="validation every N steps for the curve (default steps/4; 0 = only at the end)",
+    )
+    p.add_argument("--val-windows", type=int, default=64, help="fixed validation windows")
+    p.add_argument("--json", type=Path, default=Path("bench_results/train.json"), help="results file")
+    p.add_argument(
+        "--plot",
+        default="bench_results/train.png",
+        help="loss-curve PNG (needs matplotlib); empty string to skip",
+    )
+    return p
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _parse_lr_overrides(items: list[str], known: list[str]) -> dict[str, float]:
+    overrides: dict[str, float] = {}
+    for item in ",".join(items).split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in known:
+            raise ValueError(f"--lr-for expects NAME=LR with NAME one of {', '.join(known)}; got {item!r}")
+        overrides[name] = float(value)
+    return overrides
+
+
+def _environment(device: torch.device, threads: int) -> dict[str, Any]:
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "torch_threads": threads,
+        "cpus_available": _available_cpus(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        from importlib.metadata import version
+
+        env["galore_torch"] = version("galore-torch")
+    except Exception:
+        env["galore_torch"] = None
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the training benchmark; returns a process exit code (0 on success, 2 on bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    requested = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    unknown = [n for n in requested if n not in REGISTRY]
+    if unknown or not requested:
+        parser.error(f"unknown optimizer(s) {unknown}; known: {', '.join(REGISTRY)}")
+    try:
+        lr_overrides = _parse_lr_overrides(args.lr_for, list(REGISTRY))
+    except ValueError as error:
+        parser.error(str(error))
+    if min(args.steps, args.seeds, args.batch_size, args.seq_len, args.val_windows) < 1:
+        parser.error("--steps, --seeds, --batch-size, --seq-len and --val-windows must be positive")
+
+    skipped: dict[str, str] = {}
+    names: list[str] = []
+    for name in requested:
+        reason = REGISTRY[name].unavailable_reason()
+        if reason is None:
+            names.append(name)
+        else:
+            skipped[name] = reason
+            print(f"note: skipping {name}: {reason}")
+    if not names:
+        print("error: none of the requested optimizers is available", file=sys.stderr)
+        return 1
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    eval_every = max(1, args.steps // 4) if args.eval_every is None else args.eval_every
+    config = RunConfig(
+        preset=PRESETS[args.model],
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        device=device,
+        eval_every=eval_every,
+        timing_warmup=min(5, args.steps // 5),
+    )
+    base_settings = OptimizerSettings(
+        lr=args.lr if args.lr is not None else OptimizerSettings.lr,  # set per optimizer below
+        weight_decay=args.weight_decay,
+        rank=args.rank,
+        update_proj_gap=args.update_proj_gap,
+        scale=args.scale,
+        projector=args.projector,
+        on_refresh=args.on_refresh,
+    )
+
+    corpus = load_corpus()
+    val_windows = fixed_windows(corpus.val, args.val_windows, args.seq_len + 1, seed=VAL_WINDOW_SEED)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    info = corpus.describe()
+    print(
+        f"corpus: {info['train_files']} train / {info['val_files']} val files of {info['root']} "
+        f"({info['train_bytes'] / 1e6:.1f} / {info['val_bytes'] / 1e6:.1f} MB)"
+    )
+    print(
+        f"model {args.model} {config.preset.to_dict()}, "
+        f"{args.steps} steps x {args.batch_size} x {args.seq_len} bytes, "
+        f"device {device} ({threads} threads), optimizers {', '.join(names)}, seeds {seeds}"
+    )
+
+    peak_lrs = {
+        name: lr_overrides.get(name, args.lr if args.lr is not None else REGISTRY[name].default_lr)
+        for name in names
+    }
+    print("peak lr: " + ", ".join(f"{name} {lr:g}" for name, lr in peak_lrs.items()))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    # Seeds outer, optimizers inner: slow drifts of the machine hit every optimizer alike.
+    for seed in seeds:
+        for name in names:
+            settings = replace(base_settings, lr=peak_lrs[name], seed=seed)
+            run_started = time.perf_counter()
+            result = train_one(name, settings, corpus, val_windows, config, seed)
+            runs[name].append(result)
+            print(
+                f"  {name:>12} seed {seed}: val loss {result['val_loss']:.3f}, "
+                f"train loss {result['train_loss']:.3f}, {time.perf_counter() - run_started:.0f}s"
+            )
+
+    baseline = runs.get(BASELINE)
+    summaries = {name: summarize(name_runs, baseline) for name, name_runs in runs.items()}
+    elapsed = time.perf_counter() - started
+    print()
+    print(format_table(summaries))
+    print(
+        f"\nval: {args.val_windows} fixed windows from held-out files; step ms = median wall time after "
+        f"warm-up; peak = {summaries[names[0]]['peak_memory_method']}; total {elapsed:.0f}s"
+    )
+
+    payload = {
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "preset": config.preset.to_dict(),
+            "eval_every": eval_every,
+            "lr_overrides": lr_overrides,
+            "peak_lrs": peak_lrs,
+            "settings": {k: v for k, v in asdict(base_settings).items() if k != "seed"},
+            "schedule": {
+                "warmup_fraction": config.warmup_fraction,
+                "min_lr_ratio": config.min_lr_ratio,
+                "grad_clip": config.grad_clip,
+            },
+            "seeds": seeds,
+        },
+        "environment": _environment(device, threads),
+        "corpus": info,
+        "skipped": skipped,
+        "results": {name: {"summary": summaries[name], "runs": runs[name]} for name in names},
+        "wall_time_s": elapsed,
+    }
+    write_json(args.json, payload)
+    print(f"results: {args.json}")
+    if args.plot:
+        note = plot_curves(Path(args.plot), payload["results"])
+        print(f"note: {note}" if note else f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Tests of ``python -m lowmem.bench train``: the corpus split, the measurements and a micro run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem.bench import __main__ as bench_cli
+from lowmem.bench.corpus import (
+    fixed_windows,
+    is_validation_file,
+    list_source_files,
+    sample_windows,
+    split_files,
+    stdlib_root,
+)
+from lowmem.bench.loop import lr_multiplier
+from lowmem.bench.measure import optimizer_state_bytes, profiled_peak_bytes, tensor_bytes
+from lowmem.bench.model import PRESETS, build_model
+from lowmem.bench.optimizers import REGISTRY, split_lowrank_params
+from lowmem.bench.train import main
+
+MICRO_ARGS = [
+    "--model",
+    "micro",
+    "--steps",
+    "6",
+    "--seeds",
+    "1",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--rank",
+    "8",
+    "--update-proj-gap",
+    "3",
+    "--val-windows",
+    "4",
+    "--eval-every",
+    "3",
+    "--plot",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def stdlib_files() -> list[str]:
+    return list_source_files(stdlib_root())
+
+
+def test_corpus_split_is_disjoint_by_file_and_deterministic(stdlib_files: list[str]) -> None:
+    assert stdlib_files == sorted(stdlib_files) == list_source_files(stdlib_root())
+    assert not any(part in ("site-packages", "dist-packages") for p in stdlib_files for part in p.split("/"))
+    train, val = split_files(stdlib_files, 0.05)
+    assert (train, val) == split_files(list(stdlib_files), 0.05)
+    assert set(train).isdisjoint(val) and sorted(train + val) == stdlib_files
+    assert 0.02 < len(val) / len(stdlib_files) < 0.10
+    # A file's side depends on its path alone, not on which other files exist.
+    assert split_files(stdlib_files[::2], 0.05)[1] == [p for p in stdlib_files[::2] if p in set(val)]
+    assert all(is_validation_file(p, 0.05) for p in val)
+
+
+def test_windows_are_seeded_and_in_range() -> None:
+    data = torch.arange(1000, dtype=torch.int64).to(torch.uint8)
+    a = sample_windows(data, 4, 17, torch.Generator().manual_seed(3))
+    b = sample_windows(data, 4, 17, torch.Generator().manual_seed(3))
+    assert a.shape == (4, 17) and a.dtype == torch.int64 and torch.equal(a, b)
+    assert torch.equal(fixed_windows(data, 4, 17, seed=3), a)
+    # Consecutive bytes: each window is a contiguous slice (mod 256 because of uint8).
+    assert torch.equal((a[:, 1:] - a[:, :-1]) % 256, torch.ones(4, 16, dtype=torch.int64))
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_ratio() -> None:
+    values = [lr_multiplier(s, 100, 0.1, 0.1) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in itertools.pairwise(values[9:]))
+    assert values[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_tensor_bytes_walks_objects_and_counts_each_tensor_once() -> None:
+    class Projector:  # like galore-torch's, which keeps its basis on a Python object in the state
+        def __init__(self) -> None:
+            self.ortho_matrix = torch.zeros(3, 5)
+
+    shared = torch.zeros(7)
+    state = {"a": shared, "b": [shared, Projector()], "step": 3}
+    assert tensor_bytes(state) == 7 * 4 + 15 * 4
+
+
+def test_profiled_peak_sees_allocations_inside_the_step() -> None:
+    def step() -> None:
+        x = torch.ones(1 << 18)  # 1 MiB
+        y = x * 2
+        del x, y
+
+    assert profiled_peak_bytes(step, torch.device("cpu")) >= 2 * (1 << 20)
+
+
+def test_lowrank_split_targets_llama_linears() -> None:
+    model = build_model(PRESETS["micro"], 32, seed=0)
+    lowrank, other = split_lowrank_params(model, ("q_proj", "down_proj"))
+    assert len(lowrank) == 2 * PRESETS["micro"].num_layers
+    assert len(lowrank) + len(other) == len(list(model.parameters()))
+    assert all(p.ndim == 2 for p in lowrank)
+
+
+def test_train_main_micro_writes_sane_json(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    assert main([*MICRO_ARGS, "--optimizers", "adamw,galore", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+
+    expected = {"adamw"} | ({"galore"} if REGISTRY["galore"].unavailable_reason() is None else set())
+    assert set(report["results"]) == expected
+    assert report["corpus"]["train_files"] > 0 and report["corpus"]["val_files"] > 0
+
+    model = build_model(PRESETS["micro"], 32, seed=0)
+    param_bytes = sum(p.nbytes for p in model.parameters())
+    adamw = torch.optim.AdamW(model.parameters())
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
+    adamw.step()
+    step_bytes = sum(s["step"].nbytes for s in adamw.state.values())
+    assert optimizer_state_bytes(adamw) == 2 * param_bytes + step_bytes
+
+    for name, entry in report["results"].items():
+        (run,) = entry["runs"]
+        for key in ("train_loss", "val_loss", "val_ppl"):
+            assert run[key] is not None and math.isfinite(run[key]), (name, key)
+        assert run["val_loss"] < math.log(256) + 1.0
+        assert run["step_time_s"] > 0 and run["optimizer_step_time_s"] > 0
+        assert run["optimizer_state_bytes"] > 0 and run["peak_memory_bytes"] > run["param_bytes"]
+        assert run["param_bytes"] == param_bytes
+        assert len(run["train_curve"]) == 6 and [p[0] for p in run["val_curve"]] == [3, 6]
+        assert entry["summary"]["seeds"] == [0]
+
+    assert report["results"]["adamw"]["runs"][0]["optimizer_state_bytes"] == 2 * param_bytes + step_bytes
+    if "galore" in report["results"]:
+        galore = report["results"]["galore"]["summary"]
+        assert (
+            galore["optimizer_state_bytes"] < report["results"]["adamw"]["summary"]["optimizer_state_bytes"]
+        )
+        assert "val_loss_delta_mean" in galore
+
+
+def test_cli_dispatches_train_and_rejects_unknown_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        bench_cli.main(["train", "--optimizers", "nope"])
+    assert excinfo.value.code == 2
+    assert "unknown optimizer" in capsys.readouterr().err
