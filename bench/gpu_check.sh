@@ -18,11 +18,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-run() {  # run NAME CMD...: log to $out/NAME.txt, record the exit status
-  local name=$1; shift
+run() {  # run NAME SECONDS CMD...: log to $out/NAME.txt, stop it after SECONDS, record its status
+  local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
   local t0=$SECONDS
-  "$@" >"$out/$name.txt" 2>&1
+  timeout "$limit" "$@" >"$out/$name.txt" 2>&1
   local rc=$?
   tail -n 25 "$out/$name.txt"
   echo "| $name | rc=$rc | $((SECONDS - t0)) s |" >>"$out/summary.md"
@@ -31,11 +31,11 @@ run() {  # run NAME CMD...: log to $out/NAME.txt, record the exit status
 echo "| check | status | time |" >"$out/summary.md"
 echo "|---|---|---|" >>"$out/summary.md"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-run env python3 -m lowmem.env
-run tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py tests/optim
-run micro python3 -m lowmem.bench micro --json "$out/micro.json"
-run step_fp32 python3 -m lowmem.bench step --device cuda --json "$out/step_fp32.json"
-run step_bf16_4096 python3 -m lowmem.bench step --device cuda --dtype bfloat16 --size 4096 --rank 512 \
-  --optimizers lowmem-randomized,lowmem-svd,galore-torch,adamw --refresh-repeats 3
-run train python3 -m lowmem.bench train --device cuda --seeds 1 --steps 200 --json "$out/train.json"
+run env 30 python3 -m lowmem.env
+run tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_ops.py tests/optim
+run step_fp32 40 python3 -m lowmem.bench step --device cuda --json "$out/step_fp32.json"
+run micro 40 python3 -m lowmem.bench micro --json "$out/micro.json"
+run train 40 python3 -m lowmem.bench train --device cuda --seeds 1 --steps 200 --plot "" --json "$out/train.json"
+run step_bf16_4096 40 python3 -m lowmem.bench step --device cuda --dtype bfloat16 --size 4096 --rank 512 \
+  --weights 2 --repeats 10 --refresh-repeats 2 --json "$out/step_bf16_4096.json"
 cat "$out/summary.md"
