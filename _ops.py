@@ -73,6 +73,11 @@ class _Op:
 
 _REGISTRY: dict[str, _Op] = {}
 
+# What dispatch chose, keyed by everything the choice depends on that can change while a
+# process runs (the forced backend, TRITON_INTERPRET, whether CUDA is visible); an optimizer
+# step calls dispatch for every parameter, so the choice must cost a dict lookup, not a search.
+_CHOSEN: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
 
 def register_op(
     name: str,
@@ -96,6 +101,8 @@ def register_op(
     if "ref" not in impls:
         raise ValueError(f"register_op({name!r}): a 'ref' implementation is required")
     _REGISTRY[name] = _Op(name, dict(impls), dict(dtypes or {}), dict(prefer or {}))
+    for key in [k for k in _CHOSEN if k[0] == name]:
+        del _CHOSEN[key]
 
 
 def registered_ops() -> list[str]:
@@ -181,9 +188,20 @@ def choose_backend(op: str, device: torch.device | str, dtype: torch.dtype | Non
 
 def dispatch(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> Callable[..., Any]:
     """The implementation of ``op`` to call for tensors on ``device`` (of ``dtype``, if given)."""
-    chosen = choose_backend(op, device, dtype)
-    fn = _REGISTRY[op].load(chosen)
-    assert fn is not None  # choose_backend only returns loadable backends
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (
+        op,
+        device_type,
+        dtype,
+        forced_backend(),
+        _interpreting(),
+        device_type == "cuda" and torch.cuda.is_available(),
+    )
+    fn = _CHOSEN.get(key)
+    if fn is None:
+        fn = _REGISTRY[op].load(choose_backend(op, device, dtype))
+        assert fn is not None  # choose_backend only returns loadable backends
+        _CHOSEN[key] = fn
     return fn
 
 

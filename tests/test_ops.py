@@ -106,3 +106,15 @@ def test_env_report_names_every_op_and_backend_choice():
     for op in _ops.registered_ops():
         assert f"  {op:<16} -> ref" in text
     assert "rejected:" in text
+
+
+def test_dispatch_follows_overrides_after_caching(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ref = _ops.dispatch("adamw", "cpu", torch.float32)
+    assert ref.__name__ == "adamw_ref"
+    with lowmem.backend("triton"):
+        assert _ops.dispatch("adamw", "cpu", torch.float32).__name__ == "adamw"
+    monkeypatch.setenv("LOWMEM_BACKEND", "triton")
+    assert _ops.dispatch("adamw", "cpu", torch.float32).__name__ == "adamw"
+    monkeypatch.delenv("LOWMEM_BACKEND")
+    assert _ops.dispatch("adamw", "cpu", torch.float32) is ref
