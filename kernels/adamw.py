@@ -30,7 +30,7 @@ import os
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, _rounded_for, tl, triton
 
 __all__ = [
     "adam_direction",
@@ -47,21 +47,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 1024
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _rounded_for(x, ptr, EMULATE_RTNE: tl.constexpr):
-        """``x`` (fp32) pre-rounded to nearest-even for storing through ``ptr`` when that is bf16.
-
-        Triton's interpreter converts fp32 -> bf16 by truncation (round toward zero) where GPUs
-        round to nearest even; under the interpreter (``EMULATE_RTNE``) round in integer
-        arithmetic first so the truncating store is exact. A no-op on GPU and for other dtypes.
-        """
-        if EMULATE_RTNE:
-            if ptr.dtype.element_ty == tl.bfloat16:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # keep NaNs NaN
-        return x
 
     @triton.jit
     def _adamw_kernel(
