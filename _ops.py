@@ -236,11 +236,14 @@ register_op(
     triton="lowmem.kernels.adamw:adamw",
     dtypes={"triton": _LOW_PRECISION_AND_FP32},
 )
+# On CPU, torch's fused C++ Adam kernel does the moments and the direction in one pass where
+# the reference takes nine (lowmem/kernels/adamw_cpu.py).
 register_op(
     "adam_direction",
     ref="lowmem.kernels.adamw:adam_direction_ref",
     triton="lowmem.kernels.adamw:adam_direction",
-    dtypes={"triton": _LOW_PRECISION_AND_FP32},
+    cpp="lowmem.kernels.adamw_cpu:adam_direction_cpu",
+    dtypes={"triton": _LOW_PRECISION_AND_FP32, "cpp": (*_LOW_PRECISION_AND_FP32, torch.float64)},
 )
 # On CUDA the reference is cuBLAS's GEMM with beta (`addmm_`), which already reads and writes W
 # once with no m×n temporary; on an H200 it matched our Triton kernel in fp32 (0.230 vs 0.222 ms)

@@ -39,7 +39,12 @@ def report() -> str:
             else "no CUDA device visible"
         ),
         f"compiler   {shutil.which('c++') or shutil.which('g++') or 'none found'}",
-        "C++ ops    none registered yet: every CPU op uses its PyTorch reference",
+        "C++ ops    "
+        + (
+            ", ".join(op for op in _ops.registered_ops() if _ops.unavailable_reason(op, "cpp", "cpu") is None)
+            or "none available"
+        )
+        + " (csrc/ has no ops of its own yet)",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
         f"LOWMEM_BACKEND={os.environ.get('LOWMEM_BACKEND', '') or '(auto)'}",
         "",

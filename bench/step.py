@@ -93,11 +93,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         grads.append((u * s) @ torch.linalg.qr(torch.randn(args.size, args.size, generator=gen)).Q.t())
 
     results: dict[str, Any] = {"settings": vars(args).copy(), "rows": []}
-    for name in args.optimizers.split(","):
-        for mode, gap, warmup, repeats in (
-            ("steady", 10**9, 2, args.repeats),
-            ("refresh", 1, 1, args.refresh_repeats),
-        ):
+    names = args.optimizers.split(",")
+    for mode, gap, warmup, repeats in (
+        ("steady", 10**9, 2, args.repeats),
+        ("refresh", 1, 1, args.refresh_repeats),
+    ):
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+        for name in names:
             if name == "adamw" and mode == "refresh":
                 continue
             params = [torch.nn.Parameter(w.to(device=device, dtype=dtype)) for w in init]
@@ -105,14 +107,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 p.grad = g.to(device=device, dtype=dtype)
             opt = _make_optimizer(name, params, args, gap)
             if opt is None:
-                print(f"  {name}: not installed, skipped (pip install 'lowmem[anchors]')")
-                break
-            times = _time_steps(opt.step, device, warmup, repeats)
+                if mode == "steady":
+                    print(f"  {name}: not installed, skipped (pip install 'lowmem[anchors]')")
+                continue
+            optimizers[name] = opt
+        for opt in optimizers.values():
+            _time_steps(opt.step, device, warmup, 0)
+        # Interleaved rounds, one step of each optimizer per round, so that the machine's slow
+        # drifts (other jobs, clock changes) hit every optimizer alike and the ratios stay fair.
+        times: dict[str, list[float]] = {name: [] for name in optimizers}
+        for _ in range(repeats):
+            for name, opt in optimizers.items():
+                times[name] += _time_steps(opt.step, device, 0, 1)
+        for name, opt in optimizers.items():
             row = {
                 "optimizer": name,
                 "mode": mode,
-                "median_ms": 1e3 * statistics.median(times),
-                "min_ms": 1e3 * min(times),
+                "median_ms": 1e3 * statistics.median(times[name]),
+                "min_ms": 1e3 * min(times[name]),
                 "repeats": repeats,
                 "state_bytes": _state_bytes(opt),
             }
@@ -122,6 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"n={repeats})  state {row['state_bytes'] / 2**20:.2f} MiB",
                 flush=True,
             )
+        del optimizers
     return results
 
 
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=15, help="timed steady-state steps")
+    parser.add_argument("--repeats", type=int, default=40, help="timed steady-state steps")
     parser.add_argument("--refresh-repeats", type=int, default=5, help="timed refresh steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

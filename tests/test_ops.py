@@ -8,10 +8,12 @@ from lowmem import _ops
 from lowmem.env import report
 
 
-def test_cpu_ops_use_the_reference_by_default():
+def test_cpu_ops_use_cpp_where_registered_else_the_reference():
     for op in _ops.registered_ops():
-        assert _ops.choose_backend(op, "cpu") == "ref"
-        assert _ops.dispatch(op, "cpu").__name__.endswith("_ref")
+        expected = "cpp" if "cpp" in _ops._REGISTRY[op].impls else "ref"
+        assert _ops.choose_backend(op, "cpu") == expected
+    assert _ops.choose_backend("adam_direction", "cpu") == "cpp"
+    assert _ops.dispatch("adamw", "cpu").__name__ == "adamw_ref"
 
 
 def test_context_manager_forces_and_restores():
@@ -26,6 +28,8 @@ def test_context_manager_forces_and_restores():
 def test_forcing_an_unavailable_backend_says_why():
     with lowmem.backend("cpp"), pytest.raises(lowmem.BackendUnavailableError, match="no cpp implementation"):
         _ops.dispatch("adamw", "cpu")
+    with lowmem.backend("cpp"), pytest.raises(lowmem.BackendUnavailableError, match="run on CPU tensors"):
+        _ops.dispatch("adam_direction", "cuda")
     with lowmem.backend("cuda"), pytest.raises(lowmem.BackendUnavailableError, match="no cuda impl"):
         _ops.dispatch("adamw", "cpu")
 
@@ -104,7 +108,7 @@ def test_env_report_names_every_op_and_backend_choice():
     text = report()
     assert f"torch      {torch.__version__}" in text
     for op in _ops.registered_ops():
-        assert f"  {op:<16} -> ref" in text
+        assert f"  {op:<16} -> {_ops.choose_backend(op, 'cpu')}" in text
     assert "rejected:" in text
 
 

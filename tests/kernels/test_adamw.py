@@ -20,6 +20,7 @@ import lowmem
 from lowmem._ops import dispatch
 from lowmem.kernels import adamw as adamw_mod
 from lowmem.kernels.adamw import adam_direction_ref, adamw_ref
+from lowmem.kernels.adamw_cpu import adam_direction_cpu
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REL = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -293,9 +294,10 @@ def test_adamw_validates_shapes_and_dtypes(device: torch.device) -> None:
 
 def test_dispatch_defaults_and_forced_backends(device: torch.device) -> None:
     assert dispatch("adamw", "cpu") is adamw_ref
-    assert dispatch("adam_direction", "cpu") is adam_direction_ref
+    assert dispatch("adam_direction", "cpu") is adam_direction_cpu  # torch's fused CPU kernel
     with lowmem.backend("ref"):
         assert dispatch("adamw", "cpu") is adamw_ref
+        assert dispatch("adam_direction", "cpu") is adam_direction_ref
     with lowmem.backend("cpp"), pytest.raises(lowmem.BackendUnavailableError, match="no cpp implementation"):
         dispatch("adamw", "cpu")
     with lowmem.backend("cuda"), pytest.raises(lowmem.BackendUnavailableError, match="cuda"):

@@ -338,7 +338,9 @@ def test_randomized_projector_does_not_consume_global_rng() -> None:
 # ------------------------------------------------------------------------------ backends
 
 
-def test_ref_backend_gives_identical_results_on_cpu() -> None:
+def test_ref_backend_matches_the_default_on_cpu() -> None:
+    """Forcing the references changes only rounding: on CPU the default runs adam_direction
+    through torch's fused kernel (the ``cpp`` backend), plain groups through the same reference."""
     runs = []
     for forced in (None, "ref"):
         params = {
@@ -360,9 +362,12 @@ def test_ref_backend_gives_identical_results_on_cpu() -> None:
             else:
                 step_with(opt, params, step)
         runs.append((params, opt.state_dict()))
-    for name in runs[0][0]:
-        assert torch.equal(runs[0][0][name], runs[1][0][name]), name
-    assert_same(runs[0][1], runs[1][1])
+    assert torch.equal(runs[0][0]["b"], runs[1][0]["b"])  # plain AdamW: the reference either way
+    for name in ("w", "v"):
+        torch.testing.assert_close(runs[0][0][name], runs[1][0][name], rtol=1e-5, atol=1e-6)
+    for pid, state in runs[0][1]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(value, runs[1][1]["state"][pid][key], rtol=1e-5, atol=1e-6)
 
 
 def test_lowrank_state_of_low_precision_params() -> None:
