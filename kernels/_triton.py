@@ -6,6 +6,8 @@ interpreted function, from ``TRITON_INTERPRET``; set that before importing any k
 
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -15,6 +17,12 @@ except Exception:  # no triton wheel for this platform, or a broken install
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
     HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """Whether kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 if HAS_TRITON:
 
@@ -36,4 +44,4 @@ if HAS_TRITON:
 else:
     _rounded_for = None
 
-__all__ = ["HAS_TRITON", "_rounded_for", "tl", "triton"]
+__all__ = ["HAS_TRITON", "_rounded_for", "interpreting", "tl", "triton"]

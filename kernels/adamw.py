@@ -25,12 +25,10 @@ a new ``step`` or ``lr`` never recompiles.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _rounded_for, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, tl, triton
 
 __all__ = [
     "adam_direction",
@@ -163,7 +161,7 @@ def _copy_back(pairs: list[tuple[Tensor, Tensor]]) -> None:
 def _launch(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, update_param: bool, **scalars: float) -> None:
     n = g.numel()
     grid = (triton.cdiv(n, _BLOCK),)
-    emulate_rtne = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    emulate_rtne = interpreting()
     _adamw_kernel[grid](
         p, g, m, v, n, **scalars, UPDATE_PARAM=update_param, EMULATE_RTNE=emulate_rtne, BLOCK=_BLOCK
     )

@@ -25,20 +25,14 @@ For rank k << min(m, n) the op is memory-bound (arithmetic intensity ~ k/4 FLOP/
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _rounded_for, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, tl, triton
 
 __all__ = ["lowrank_update", "lowrank_update_bytes", "lowrank_update_flops", "lowrank_update_ref"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if HAS_TRITON:
@@ -191,11 +185,11 @@ def lowrank_update(weight: Tensor, a: Tensor, b: Tensor, *, alpha: float, beta: 
         else:
             weight.mul_(beta)
         return
-    interpreting = _interpreting()
+    interpreted = interpreting()
     # Triton's interpreter stores bf16 as uint16 and its tl.dot runs np.matmul on those bits
     # (garbage); upcasting the tiles to fp32 first is exact, see the kernel.
-    dot_in_fp32 = interpreting and a.dtype == torch.bfloat16
-    if interpreting:
+    dot_in_fp32 = interpreted and a.dtype == torch.bfloat16
+    if interpreted:
         block_m, block_n, block_k, num_warps, num_stages = _INTERPRETER_CONFIG
     else:
         block_m, block_n, block_k, num_warps, num_stages = _gpu_config(m, n, k)
@@ -219,7 +213,7 @@ def lowrank_update(weight: Tensor, a: Tensor, b: Tensor, *, alpha: float, beta: 
         # tf32 is moot for 16-bit inputs; fp32 inputs must not be rounded to tf32.
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 or dot_in_fp32 else "tf32",
         DOT_IN_FP32=dot_in_fp32,
-        EMULATE_RTNE=interpreting,
+        EMULATE_RTNE=interpreted,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
