@@ -1,0 +1,100 @@
+"""The Adam half shared by GaLoreAdamW, FiraAdamW and ApolloAdamW: hyperparameters, moments, plain groups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lowmem.optim._checks import check_adam_hyperparameters, check_choice
+from lowmem.optim.functional.adamw import adamw_update
+from lowmem.optim.lowrank_base import LowRankOptimizer
+from lowmem.optim.projector import Side, transport_moments
+
+#: ``state_dtype`` values: None keeps each parameter's dtype (torch.optim's behaviour).
+STATE_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class AdamLowRankOptimizer(LowRankOptimizer):
+    """A :class:`LowRankOptimizer` whose state is Adam's two moments (full or low-rank shaped).
+
+    Groups without ``rank`` are ``torch.optim.AdamW`` exactly (bitwise on CPU in the param's
+    dtype). ``state_dtype`` stores the moments in another precision than the parameters
+    (``"float32"`` moments for bf16 weights, or ``"bfloat16"`` moments to halve the state);
+    the update is always computed in fp32.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        state_dtype: str | None = None,
+    ) -> None:
+        check_adam_hyperparameters(lr, betas, eps, weight_decay)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "state_dtype": state_dtype,
+        }
+        super().__init__(params, defaults)
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_choice("state_dtype", group.get("state_dtype"), tuple(STATE_DTYPES))
+
+    @staticmethod
+    def _moment_dtype(param: Tensor, group: dict[str, Any]) -> torch.dtype:
+        return STATE_DTYPES[group.get("state_dtype")] or param.dtype
+
+    def _init_state(
+        self, state: dict[str, Any], param: Tensor, group: dict[str, Any], side: Side | None, shape: tuple
+    ) -> None:
+        dtype = self._moment_dtype(param, group)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+
+    def _keeps_state_dtype(self, key: str, value: Tensor, group: dict[str, Any]) -> bool:
+        return super()._keeps_state_dtype(key, value, group) or group.get("state_dtype") is not None
+
+    def _full_rank_step(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        adamw_update(
+            param,
+            param.grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            step=state["step"].item(),
+            maximize=group["maximize"],
+        )
+
+    def _carry_moments(
+        self,
+        state: dict[str, Any],
+        old: tuple[Tensor | None, Tensor | None],
+        new: tuple[Tensor | None, Tensor | None],
+    ) -> None:
+        transport_moments(state["exp_avg"], state["exp_avg_sq"], old, new)
+
+    def _reset_moments(self, state: dict[str, Any]) -> None:
+        state["exp_avg"].zero_()
+        state["exp_avg_sq"].zero_()
