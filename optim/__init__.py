@@ -1,10 +1,14 @@
 """torch.optim replacements: low-rank projected optimizers.
 
 - :class:`GaLoreAdamW`: AdamW with GaLore gradient low-rank projection (Zhao et al. 2024).
+- :class:`FiraAdamW`: GaLore plus the norm-scaled full-rank residual (Chen et al. 2024).
+- :class:`ApolloAdamW`: APOLLO / APOLLO-Mini, SGD-like memory (Zhu et al. 2024).
 - :func:`lowrank_param_groups`: split a model into a low-rank group and a plain group.
 """
 
+from lowmem.optim.apollo_adamw import APOLLO_MINI, ApolloAdamW
+from lowmem.optim.fira_adamw import FiraAdamW
 from lowmem.optim.galore_adamw import GaLoreAdamW
 from lowmem.optim.param_groups import lowrank_param_groups
 
-__all__ = ["GaLoreAdamW", "lowrank_param_groups"]
+__all__ = ["APOLLO_MINI", "ApolloAdamW", "FiraAdamW", "GaLoreAdamW", "lowrank_param_groups"]

@@ -230,3 +230,25 @@ def transport_moments(
         m, v = r @ m, r.square() @ v
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v.clamp_min_(0))
+
+
+def gaussian_projection(
+    shape: tuple[int, int], rank: int, side: Side, *, seed: int, like: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """APOLLO's random projection for an m×n matrix: Gaussian entries of variance 1/r.
+
+    Returns ``(P, None)`` with P: m×r for ``side="left"`` (R = Pᵀ G) or ``(None, Q)`` with Q:
+    r×n for ``side="right"`` (R = G Qᵀ), in ``like``'s dtype and device. The matrix is a pure
+    function of ``seed`` and the shape (drawn by a generator on ``like``'s device), so an
+    optimizer stores the 63-bit seed and regenerates the matrix instead of keeping it.
+    Columns are not orthonormal: E[Q Qᵀ] = (n/r)·I, and E‖G Qᵀ‖² = ‖G‖² (Johnson–Lindenstrauss),
+    which is all the norm ratios of APOLLO need (Zhu et al. 2024).
+    """
+    m, n = shape
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    rows, cols = (m, rank) if side == "left" else (rank, n)
+    if side not in ("left", "right"):
+        raise ValueError(f"a Gaussian projection is one-sided; got side {side!r}")
+    matrix = torch.randn(rows, cols, generator=gen, device=like.device, dtype=torch.float32)
+    matrix = (matrix / rank**0.5).to(like.dtype)
+    return (matrix, None) if side == "left" else (None, matrix)

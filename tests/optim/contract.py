@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowmem.optim import GaLoreAdamW
+from lowmem.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW
+from lowmem.optim.apollo_adamw import APOLLO_MINI, apollo_seed
+from lowmem.optim.projector import gaussian_projection, stable_seed
 
 # ---------------------------------------------------------------------------------------------
 # Independent fp64 reference of GaLore-AdamW, written from the paper (Zhao et al. 2024, Alg. 2)
@@ -129,7 +131,109 @@ class GaLoreReference:
         self.v = self.b2 * self.v + (1 - self.b2) * r * r
         k = self.t - self.last + 1 if self.on_refresh == "reset" else self.t
         n = (self.m / (1 - self.b1**k)) / ((self.v / (1 - self.b2**k)).sqrt() + self.eps)
-        self.w = self.w * (1 - self.lr * self.wd) - self.lr * self.scale * self._back(n)
+        self.w = self.w * (1 - self.lr * self.wd) - self.lr * self.update(
+            -grad if self.maximize else grad, r, n
+        )
+        return self.w
+
+    def update(self, grad: Tensor, r: Tensor, n: Tensor) -> Tensor:
+        """The full-size update (before lr) from the signed gradient, R and the Adam direction N."""
+        return self.scale * self._back(n)
+
+
+class FiraReference(GaLoreReference):
+    """Fira (Chen et al. 2024, Alg. 1) the plain way: the residual G − back(R) materialized,
+    channel norms over the non-projected dimension, limiter γ = 1.01 on the scaled residual."""
+
+    def __init__(self, weight: Tensor, hyper: dict[str, Any], lowrank: dict[str, Any]) -> None:
+        lowrank = dict(lowrank)
+        if "alpha" in lowrank:
+            lowrank["scale"] = lowrank.pop("alpha")
+        super().__init__(weight, hyper, lowrank)
+        self.previous: float | None = None
+
+    def update(self, grad: Tensor, r: Tensor, n: Tensor) -> Tensor:
+        axis = 1 if self.side == "right" else 0  # rows of m×r, or columns of r×n
+        s = n.norm(dim=axis, keepdim=True) / (r.norm(dim=axis, keepdim=True) + 1e-8)
+        residual = s * (grad - self._back(r))
+        norm = float(residual.norm())
+        if self.previous is not None and norm / (self.previous + 1e-8) > 1.01:
+            residual = residual * (1.01 / (norm / (self.previous + 1e-8)))
+        self.previous = float(residual.norm())
+        return self.scale * self._back(n) + residual
+
+
+class ApolloReference:
+    """APOLLO (Zhu et al. 2024, Alg. 1) on one 2-D weight, materializing everything.
+
+    The random projection is drawn with lowmem's documented seed schedule (``apollo_seed`` for
+    the first, ``stable_seed(seed, shape, step)`` at each refresh, ``gaussian_projection``): the
+    reference checks the algorithm around the projection, not the random numbers themselves.
+    """
+
+    def __init__(self, weight: Tensor, hyper: dict[str, Any], lowrank: dict[str, Any]) -> None:
+        self.w = weight.detach().clone()
+        self.lr = hyper.get("lr", 1e-3)
+        self.b1, self.b2 = hyper.get("betas", (0.9, 0.999))
+        self.eps = hyper.get("eps", 1e-8)
+        self.wd = hyper.get("weight_decay", 1e-2)
+        self.maximize = hyper.get("maximize", False)
+        self.rank = lowrank["rank"]
+        self.gap = lowrank.get("update_proj_gap", 200)
+        self.scale = lowrank.get("scale", 1.0)
+        self.scale_type = lowrank.get("scale_type", "channel")
+        self.proj = lowrank.get("proj", "random")
+        self.on_refresh = lowrank.get("on_refresh", "keep")
+        self.side = reference_side(tuple(weight.shape), lowrank.get("proj_type", "std"))
+        self.seed = apollo_seed(lowrank.get("seed", 0), tuple(weight.shape), 0)
+        self.t, self.last = 0, None
+        self.basis = self.m = self.v = None
+        self.previous: float | None = None
+
+    def _project(self, g: Tensor) -> Tensor:
+        return g @ self.basis.T if self.side == "right" else self.basis.T @ g
+
+    def step(self, grad: Tensor) -> Tensor:
+        self.t += 1
+        if self.last is None or self.t - self.last >= self.gap:
+            if self.proj == "random":
+                if self.last is not None:
+                    self.seed = stable_seed(self.seed, tuple(grad.shape), self.t)
+                left, right = gaussian_projection(
+                    tuple(grad.shape), self.rank, self.side, seed=self.seed, like=grad
+                )
+            else:
+                prev = (self.basis, None) if self.side == "left" else (None, self.basis)
+                left, right = reference_basis(grad, self.rank, self.side, prev if self.last else (None, None))
+            new = left if self.side == "left" else right
+            if self.m is not None and self.on_refresh == "project":
+                rot = self.basis @ new.T if self.side == "right" else new.T @ self.basis
+                self.m, self.v = (
+                    (self.m @ rot, self.v @ rot**2)
+                    if self.side == "right"
+                    else (rot @ self.m, rot**2 @ self.v)
+                )
+            self.basis, self.last = new, self.t
+            if self.m is None or self.on_refresh == "reset":
+                self.m = torch.zeros_like(self._project(grad))
+                self.v = torch.zeros_like(self.m)
+        g = -grad if self.maximize else grad
+        r = self._project(g)
+        self.m = self.b1 * self.m + (1 - self.b1) * r
+        self.v = self.b2 * self.v + (1 - self.b2) * r * r
+        k = self.t - self.last + 1 if self.on_refresh == "reset" else self.t
+        n = (self.m / (1 - self.b1**k)) / ((self.v / (1 - self.b2**k)).sqrt() + self.eps)
+        if self.scale_type == "channel":
+            axis = 1 if self.side == "right" else 0
+            s = n.norm(dim=axis, keepdim=True) / (r.norm(dim=axis, keepdim=True) + 1e-8)
+        else:
+            s = n.norm() / (r.norm() + 1e-8)
+        u = s * g
+        norm = float(u.norm())
+        if self.previous is not None and norm / (self.previous + 1e-8) > 1.01:
+            u = u * (1.01 / (norm / (self.previous + 1e-8)))
+        self.previous = float(u.norm())
+        self.w = self.w * (1 - self.lr * self.wd) - self.lr * self.scale**0.5 * u
         return self.w
 
 
@@ -202,8 +306,15 @@ class OptimizerCase:
         return self.id
 
 
-def galore_case(case_id: str, **lowrank: Any) -> OptimizerCase:
-    """A GaLoreAdamW case; ``lowrank`` empty means every group is plain AdamW."""
+def galore_case(
+    case_id: str,
+    *,
+    optimizer: type[torch.optim.Optimizer] = GaLoreAdamW,
+    reference_class: type[GaLoreReference] = GaLoreReference,
+    invalid_values: dict[str, list[Any]] | None = None,
+    **lowrank: Any,
+) -> OptimizerCase:
+    """A case of an Adam-family low-rank optimizer; ``lowrank`` empty means every group is plain AdamW."""
 
     def factory(
         matrices: list[Any], others: list[Any], keys: dict[str, Any], **hyper: Any
@@ -213,20 +324,36 @@ def galore_case(case_id: str, **lowrank: Any) -> OptimizerCase:
             groups.append({"params": matrices, **keys})
         if others:
             groups.append({"params": others})
-        return GaLoreAdamW(groups, **hyper)
+        return optimizer(groups, **hyper)
 
     if lowrank:
 
         def reference(weight: Tensor, hyper: dict[str, Any]) -> Any:
-            return GaLoreReference(weight, hyper, lowrank)
+            return reference_class(weight, hyper, lowrank)
 
-        invalid = GALORE_INVALID_GROUP_VALUES
+        invalid = invalid_values if invalid_values is not None else GALORE_INVALID_GROUP_VALUES
     else:
         reference, invalid = AdamWReference, {}
     return OptimizerCase(case_id, factory, dict(lowrank), reference, invalid)
 
 
 _LOWRANK = {"rank": 2, "update_proj_gap": 3}
+_LOWRANK_GAP = {"update_proj_gap": 3}
+_APOLLO: dict[str, Any] = {
+    "optimizer": ApolloAdamW,
+    "reference_class": ApolloReference,
+    "invalid_values": {
+        **{k: v for k, v in GALORE_INVALID_GROUP_VALUES.items() if k != "projector"},
+        "proj_type": ["diag", None, "full"],
+        "scale_type": ["row", None],
+        "proj": ["qr", ""],
+    },
+}
+_FIRA: dict[str, Any] = {
+    "optimizer": FiraAdamW,
+    "reference_class": FiraReference,
+    "invalid_values": {**GALORE_INVALID_GROUP_VALUES, "proj_type": ["diag", None, "full"]},
+}
 
 OPTIMIZERS: list[OptimizerCase] = [
     galore_case("GaLoreAdamW-plain"),
@@ -239,6 +366,27 @@ OPTIMIZERS: list[OptimizerCase] = [
         "GaLoreAdamW-full-svd-reset", **_LOWRANK, proj_type="full", projector="svd", on_refresh="reset"
     ),
     galore_case("GaLoreAdamW-reverse_std", **_LOWRANK, proj_type="reverse_std", on_refresh="project"),
+    galore_case("FiraAdamW-plain", optimizer=FiraAdamW),
+    galore_case("FiraAdamW-lowrank", **_FIRA, **_LOWRANK),
+    galore_case(
+        "FiraAdamW-svd-keep-alpha",
+        **{**_FIRA, "invalid_values": {k: v for k, v in _FIRA["invalid_values"].items() if k != "scale"}},
+        **_LOWRANK,
+        projector="svd",
+        on_refresh="keep",
+        alpha=1.0,
+    ),
+    galore_case("FiraAdamW-left-reset", **_FIRA, **_LOWRANK, proj_type="left", on_refresh="reset"),
+    galore_case("ApolloAdamW-plain", optimizer=ApolloAdamW),
+    galore_case("ApolloAdamW-channel", **_APOLLO, **_LOWRANK),
+    galore_case("ApolloAdamW-mini", **_APOLLO, **_LOWRANK_GAP, **APOLLO_MINI),
+    galore_case("ApolloAdamW-left-reset", **_APOLLO, **_LOWRANK, proj_type="left", on_refresh="reset"),
+    galore_case(
+        "ApolloAdamW-svd-project", **_APOLLO, **_LOWRANK, proj="svd", on_refresh="project", scale=4.0
+    ),
+    galore_case(
+        "ApolloAdamW-reverse_std-tensor", **_APOLLO, **_LOWRANK, proj_type="reverse_std", scale_type="tensor"
+    ),
 ]
 
 LOWRANK_OPTIMIZERS = [case for case in OPTIMIZERS if case.lowrank]

@@ -1,0 +1,81 @@
+"""APOLLO's step: scale the raw gradient by factors that a low-rank Adam state estimates.
+
+Zhu et al. 2024, "APOLLO: SGD-like Memory, AdamW-level Performance" (arXiv:2412.05270),
+Algorithm 1, with torch.optim.AdamW's eps placement and decay order.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lowmem._ops import dispatch
+from lowmem.optim.functional.scaling import (
+    NORM_GROWTH_LIMIT,
+    channel_axis,
+    limit_norm_growth,
+    norm_ratio,
+    squared_norms,
+)
+from lowmem.optim.projector import Side, project
+
+
+def lowrank_apollo_update(
+    weight: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    update_norm: Tensor,
+    *,
+    side: Side,
+    scale_type: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    step: float,
+    maximize: bool,
+    gamma: float = NORM_GROWTH_LIMIT,
+) -> None:
+    """One APOLLO step for one m×n weight, in place.
+
+    Math, for ``side="right"`` (R = G Qᵀ, m×r; ``left`` works on columns instead of rows)::
+
+        R = G Qᵀ ;  N = AdamDirection(R)                # moments M, V: m×r
+        s = ‖N_i‖ / (‖R_i‖ + 1e-8) per row i            # scale_type="channel"
+          = ‖N‖ / (‖R‖ + 1e-8)                         # scale_type="tensor" (APOLLO-Mini)
+        U = s ⊙ G ;  c = norm-growth limiter on ‖U‖ (γ = 1.01)
+        W ← (1 − lr·wd) W − lr · √scale · c · U
+
+    Only the m (or n, or 1) factors come from the low-rank state; the update direction is the
+    raw gradient, so a random projection (not orthonormal) is enough. ‖U‖ is computed from the
+    row norms of G (‖U‖² = Σ s_i² ‖G_i‖²), so nothing m×n is allocated.
+
+    Args:
+        weight: m×n view of the parameter, updated in place. grad: m×n gradient.
+        exp_avg, exp_avg_sq: low-rank moments (m×r or r×n), updated in place.
+        left, right: the projection (P: m×r or Q: r×n; one is set).
+        update_norm: 0-d tensor, ‖c·U‖ of the previous step (negative: none), updated in place.
+        scale_type: ``"channel"`` or ``"tensor"``.
+        scale: the update is multiplied by √scale (apollo-torch's convention; APOLLO-Mini uses 128).
+    """
+    axis = channel_axis(side) if scale_type == "channel" else None
+    low = project(grad, left, right)
+    if maximize:
+        low.neg_()
+        grad = -grad
+    direction = dispatch("adam_direction", low.device, low.dtype)(
+        low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step
+    )
+    factors = norm_ratio(squared_norms(direction, axis), squared_norms(low, axis))
+    if axis is None:
+        norm_sq = factors.square() * squared_norms(grad, None)
+    else:
+        norm_sq = (factors.square() * squared_norms(grad, axis)).sum()
+    factors = factors * limit_norm_growth(norm_sq.sqrt(), update_norm, gamma) * scale**0.5
+    if weight_decay != 0:
+        weight.mul_(1.0 - lr * weight_decay)
+    weight.addcmul_(grad, factors, value=-lr)

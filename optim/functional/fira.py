@@ -1,0 +1,88 @@
+"""Fira's low-rank step: GaLore-Adam in the subspace plus the norm-scaled full-rank residual.
+
+Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+Constraint?" (arXiv:2410.01623), Algorithm 1, with torch.optim.AdamW's eps placement and decay
+order.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lowmem._ops import dispatch
+from lowmem.optim.functional.scaling import (
+    NORM_GROWTH_LIMIT,
+    channel_axis,
+    limit_norm_growth,
+    norm_ratio,
+    squared_norms,
+)
+from lowmem.optim.projector import Side, project
+
+
+def lowrank_fira_update(
+    weight: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    residual_norm: Tensor,
+    *,
+    side: Side,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    step: float,
+    maximize: bool,
+    gamma: float = NORM_GROWTH_LIMIT,
+) -> None:
+    """One Fira step for one m×n weight, in place.
+
+    Math, for ``side="right"`` (R = G Qᵀ, m×r, channels = rows; ``left`` is the transpose)::
+
+        R  = G Qᵀ ;  N = AdamDirection(R)                     # moments M, V: m×r, as GaLore
+        s_i = ‖N_i‖ / (‖R_i‖ + 1e-8)                          # one factor per channel (row)
+        S  = diag(s) (G − R Q)                                # residual: G's part outside span(Q)
+        c  = norm-growth limiter on ‖S‖ (γ = 1.01)
+        W ← (1 − lr·wd) W − lr · (scale · N Q + c · S)
+
+    Fira's reference code forms the residual as G − scale·R Q, which leaves (1 − scale)·R Q of
+    the in-subspace gradient inside the "residual"; here the residual is the true orthogonal
+    complement G − R Q, independent of ``scale``. Nothing m×n is materialized: with Q's rows
+    orthonormal, ‖S‖² = Σ_i s_i² (‖G_i‖² − ‖R_i‖²) (Pythagoras per row), and the update is
+    rewritten as one low-rank GEMM plus a row-scaled copy of G::
+
+        W ← (1 − lr·wd) W − lr · (scale·N − c·s⊙R) Q  − lr · c · s⊙G
+
+    Args:
+        weight: m×n view of the parameter, updated in place. grad: m×n gradient.
+        exp_avg, exp_avg_sq: low-rank moments (m×r or r×n), updated in place.
+        left, right: the orthonormal basis P (m×r) or Q (r×n); only one is set.
+        residual_norm: 0-d fp32 tensor, ‖S‖ after limiting at the previous step (negative: none).
+        step: the moments' bias-correction step.
+    """
+    axis = channel_axis(side)
+    low = project(grad, left, right)
+    if maximize:
+        low.neg_()
+        grad = -grad
+    direction = dispatch("adam_direction", low.device, low.dtype)(
+        low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step
+    )
+    low_sq = squared_norms(low, axis)
+    factors = norm_ratio(squared_norms(direction, axis), low_sq)  # s: m×1 (right) or 1×n (left)
+    grad_sq = squared_norms(grad, axis)  # G's channel norms reduce over the same axis as R's
+    residual_sq = (grad_sq - low_sq).clamp_min_(0)  # rounding can make it slightly negative
+    limit = limit_norm_growth((factors.square() * residual_sq).sum().sqrt(), residual_norm, gamma)
+    factors = factors * limit  # c·s
+    work = factors.dtype
+    inner = direction.to(work).mul_(scale).sub_(low.to(work) * factors).to(weight.dtype)
+    a, b = (inner, right) if side == "right" else (left, inner)
+    dispatch("lowrank_update", weight.device, weight.dtype)(
+        weight, a, b, alpha=-lr, beta=1.0 - lr * weight_decay
+    )
+    weight.addcmul_(grad, factors, value=-lr)
