@@ -12,6 +12,11 @@ through ``unavailable_reason`` and are skipped by the harness with a printed not
   built on the legacy HuggingFace AdamW: weight decay is applied after the update (torch's AdamW
   applies it before), its eps default is 1e-6 (we pass ours), its ``step`` is a Python int and its
   projector a Python object in the state.
+- ``fira`` / ``fira-package``: ``lowmem.optim.FiraAdamW`` (Chen et al. 2024) and the authors'
+  ``fira.FiraAdamW``, same groups, rank, gap and scale (fira's ``alpha``).
+- ``apollo`` / ``apollo-torch``: ``lowmem.optim.ApolloAdamW`` with channel-wise scaling (Zhu et
+  al. 2024) and the authors' ``apollo_torch.APOLLOAdamW``, same rank, gap, scale 1, random projection.
+- ``apollo-mini``: ``ApolloAdamW`` with ``APOLLO_MINI`` (rank 1, tensor-wise, scale 128).
 """
 
 from __future__ import annotations
@@ -108,6 +113,77 @@ def _build_lowmem_galore(model: nn.Module, s: OptimizerSettings) -> torch.optim.
     return GaLoreAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
 
 
+def _lowmem_groups(model: nn.Module, s: OptimizerSettings, **overrides: Any) -> list[dict[str, Any]]:
+    """lowmem's two param groups with the run's low-rank settings (``overrides`` win)."""
+    from lowmem.optim import lowrank_param_groups
+
+    options: dict[str, Any] = {"update_proj_gap": s.update_proj_gap, "proj_type": s.proj_type, "seed": s.seed}
+    options.update(overrides)
+    rank = options.pop("rank", s.rank)
+    return lowrank_param_groups(model, target_modules=list(s.target_modules), rank=rank, **options)
+
+
+def _build_lowmem_fira(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    from lowmem.optim import FiraAdamW
+
+    extra = {k: v for k, v in (("projector", s.projector), ("on_refresh", s.on_refresh)) if v is not None}
+    groups = _lowmem_groups(model, s, scale=s.scale, **extra)
+    return FiraAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+
+
+def _build_lowmem_apollo(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    from lowmem.optim import ApolloAdamW
+
+    # APOLLO's own scale semantics (√scale multiplies the update; 1 for channel-wise APOLLO).
+    groups = _lowmem_groups(model, s, scale=1.0, scale_type="channel")
+    return ApolloAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+
+
+def _build_lowmem_apollo_mini(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    from lowmem.optim import APOLLO_MINI, ApolloAdamW
+
+    groups = _lowmem_groups(model, s, **APOLLO_MINI)
+    return ApolloAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+
+
+def _build_fira_package(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    import fira
+
+    lowrank, other = split_lowrank_params(model, s.target_modules)
+    groups = [
+        {
+            "params": lowrank,
+            "rank": s.rank,
+            "update_proj_gap": s.update_proj_gap,
+            "alpha": s.scale,
+            "proj_type": s.proj_type,
+        },
+        {"params": other},
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fira's legacy-HF-AdamW deprecation notice
+        return fira.FiraAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+
+
+def _build_apollo_torch(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    import apollo_torch
+
+    lowrank, other = split_lowrank_params(model, s.target_modules)
+    groups = [
+        {
+            "params": lowrank,
+            "rank": s.rank,
+            "update_proj_gap": s.update_proj_gap,
+            "scale": 1.0,
+            "scale_type": "channel",
+            "proj": "random",
+            "proj_type": s.proj_type,
+        },
+        {"params": other},
+    ]
+    return apollo_torch.APOLLOAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+
+
 def _build_galore_torch(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
     import galore_torch
 
@@ -153,11 +229,33 @@ def _galore_torch_missing() -> str | None:
     return None
 
 
+def _package_missing(module: str, pip_name: str) -> Callable[[], str | None]:
+    def reason() -> str | None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importlib.import_module(module)
+        except Exception as error:  # ImportError, or a broken optional dependency
+            return f"{module} is not importable ({type(error).__name__}: {error}); pip install {pip_name}"
+        return None
+
+    return reason
+
+
 #: Peak learning rates, tuned on the default ``train`` benchmark (tiny preset, 200 steps, mean
 #: validation loss over seeds 0-2). AdamW: 1e-3 (2.145) beat 5e-4 (2.155) and 2e-3 (2.208).
 #: lowmem GaLore (its scale 0.25 shrinks the step): 1.2e-2 (1.887) beat 6e-3 (1.901) and 2e-2
 #: (1.896). galore-torch gets GaLore's lr, so the two are compared at equal settings.
-DEFAULT_LRS = {"adamw": 1e-3, "galore": 1.2e-2, "galore-torch": 1.2e-2}
+DEFAULT_LRS = {
+    "adamw": 1e-3,
+    "galore": 1.2e-2,
+    "galore-torch": 1.2e-2,
+    "fira": 6e-3,
+    "fira-package": 6e-3,
+    "apollo": 2e-3,
+    "apollo-torch": 2e-3,
+    "apollo-mini": 2e-3,
+}
 
 REGISTRY: dict[str, OptimizerEntry] = {
     entry.name: entry
@@ -177,10 +275,54 @@ REGISTRY: dict[str, OptimizerEntry] = {
             _galore_torch_missing,
             DEFAULT_LRS["galore-torch"],
         ),
+        OptimizerEntry(
+            "fira",
+            "lowmem.optim.FiraAdamW",
+            _build_lowmem_fira,
+            _always_available,
+            DEFAULT_LRS["fira"],
+        ),
+        OptimizerEntry(
+            "fira-package",
+            "fira.FiraAdamW (authors' code)",
+            _build_fira_package,
+            _package_missing("fira", "fira"),
+            DEFAULT_LRS["fira-package"],
+        ),
+        OptimizerEntry(
+            "apollo",
+            "lowmem.optim.ApolloAdamW (channel-wise)",
+            _build_lowmem_apollo,
+            _always_available,
+            DEFAULT_LRS["apollo"],
+        ),
+        OptimizerEntry(
+            "apollo-mini",
+            "lowmem.optim.ApolloAdamW (APOLLO-Mini: rank 1, tensor-wise, scale 128)",
+            _build_lowmem_apollo_mini,
+            _always_available,
+            DEFAULT_LRS["apollo-mini"],
+        ),
+        OptimizerEntry(
+            "apollo-torch",
+            "apollo_torch.APOLLOAdamW (authors' code, channel-wise)",
+            _build_apollo_torch,
+            _package_missing("apollo_torch", "apollo-torch"),
+            DEFAULT_LRS["apollo-torch"],
+        ),
     )
 }
 
-DEFAULT_OPTIMIZERS = ("adamw", "galore", "galore-torch")
+DEFAULT_OPTIMIZERS = (
+    "adamw",
+    "galore",
+    "galore-torch",
+    "fira",
+    "fira-package",
+    "apollo",
+    "apollo-mini",
+    "apollo-torch",
+)
 
 
 def build_optimizer(name: str, model: nn.Module, settings: OptimizerSettings) -> torch.optim.Optimizer:

@@ -152,3 +152,32 @@ def test_cli_dispatches_train_and_rejects_unknown_optimizer(capsys: pytest.Captu
         bench_cli.main(["train", "--optimizers", "nope"])
     assert excinfo.value.code == 2
     assert "unknown optimizer" in capsys.readouterr().err
+
+
+AVAILABLE = [name for name, entry in REGISTRY.items() if entry.unavailable_reason() is None]
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_every_available_registry_entry_trains_two_steps(name: str) -> None:
+    """Each optimizer row of the benchmark builds on the LLaMA model and moves every weight."""
+    from lowmem.bench.optimizers import OptimizerSettings, build_optimizer
+
+    model = build_model(PRESETS["micro"], 32, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = OptimizerSettings(lr=1e-3, rank=4, update_proj_gap=1)
+    opt = build_optimizer(name, model, settings)
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), (name, n)
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert not torch.equal(p.detach(), before[n]), (name, n)
+
+
+def test_default_run_includes_the_lowmem_family() -> None:
+    from lowmem.bench.optimizers import DEFAULT_OPTIMIZERS
+
+    assert {"adamw", "galore", "fira", "apollo", "apollo-mini"} <= set(DEFAULT_OPTIMIZERS)
