@@ -1,4 +1,8 @@
-"""``python -m lowmem.bench step``: one optimizer step, GaLoreAdamW vs galore-torch vs AdamW.
+"""``python -m lowmem.bench step``: one optimizer step, lowmem's low-rank optimizers vs the research code.
+
+Pairs compared (ratio = ours / theirs, same run): ``lowmem-randomized`` and ``lowmem-svd``
+(GaLoreAdamW) vs ``galore-torch``; ``fira`` vs ``fira-package``; ``apollo`` vs ``apollo-torch``
+(channel-wise, random projection). ``adamw`` and ``apollo-mini`` are shown for scale.
 
 Times the steady-state step (no projector refresh) and the refresh step (every step refreshes:
 ``update_proj_gap=1``) on ``--weights`` square weights of ``--size``, rank ``--rank``, with
@@ -22,7 +26,15 @@ from typing import Any
 
 import torch
 
-from lowmem.optim import GaLoreAdamW
+from lowmem.optim import APOLLO_MINI, ApolloAdamW, FiraAdamW, GaLoreAdamW
+
+#: Which research-code optimizer each of ours is timed against.
+BASELINE_OF = {
+    "lowmem-randomized": "galore-torch",
+    "lowmem-svd": "galore-torch",
+    "fira": "fira-package",
+    "apollo": "apollo-torch",
+}
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -49,6 +61,26 @@ def _make_optimizer(
         projector = name.removeprefix("lowmem-")
         group = {"params": params, **lowrank, "projector": projector}
         return GaLoreAdamW([group], lr=args.lr, weight_decay=args.weight_decay)
+    apollo_keys = {**lowrank, "scale": 1.0, "scale_type": "channel", "proj": "random"}
+    if name == "fira":
+        return FiraAdamW([{"params": params, **lowrank}], lr=args.lr, weight_decay=args.weight_decay)
+    if name == "apollo":
+        return ApolloAdamW([{"params": params, **apollo_keys}], lr=args.lr, weight_decay=args.weight_decay)
+    if name == "apollo-mini":
+        group = {"params": params, **lowrank, **APOLLO_MINI}
+        return ApolloAdamW([group], lr=args.lr, weight_decay=args.weight_decay)
+    if name in ("fira-package", "apollo-torch"):
+        try:
+            if name == "fira-package":
+                from fira import FiraAdamW as Research
+            else:
+                from apollo_torch import APOLLOAdamW as Research
+        except Exception:
+            return None
+        keys = dict(lowrank, alpha=lowrank.pop("scale")) if name == "fira-package" else apollo_keys
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Research([{"params": params, **keys}], lr=args.lr, weight_decay=args.weight_decay)
     if name == "galore-torch":
         try:
             from galore_torch import GaLoreAdamW as ResearchGaLoreAdamW
@@ -142,14 +174,11 @@ def _ratio_table(results: dict[str, Any]) -> list[str]:
     by_key = {(r["optimizer"], r["mode"]): r for r in results["rows"]}
     lines = []
     for mode in ("steady", "refresh"):
-        base = by_key.get(("galore-torch", mode))
-        if base is None:
-            continue
         for (name, row_mode), row in by_key.items():
-            if row_mode == mode and name != "galore-torch":
-                lines.append(
-                    f"  {mode:<8} {name:<18} / galore-torch = {row['median_ms'] / base['median_ms']:.3f}x"
-                )
+            base = by_key.get((BASELINE_OF.get(name, ""), mode))
+            if row_mode == mode and base is not None:
+                ratio = row["median_ms"] / base["median_ms"]
+                lines.append(f"  {mode:<8} {name:<18} / {base['optimizer']:<13} = {ratio:.3f}x")
         # The issue's refresh target compares our randomized refresh with galore-torch's SVD one.
     return lines
 
@@ -163,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--optimizers",
         default="lowmem-randomized,lowmem-svd,galore-torch,adamw",
-        help="comma list of: adamw, lowmem-randomized, lowmem-svd, galore-torch",
+        help="comma list of: adamw, lowmem-randomized, lowmem-svd, galore-torch, fira, fira-package, "
+        "apollo, apollo-torch, apollo-mini",
     )
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--weights", type=int, default=4)
