@@ -3,12 +3,14 @@
 - :class:`GaLoreAdamW`: AdamW with GaLore gradient low-rank projection (Zhao et al. 2024).
 - :class:`FiraAdamW`: GaLore plus the norm-scaled full-rank residual (Chen et al. 2024).
 - :class:`ApolloAdamW`: APOLLO / APOLLO-Mini, SGD-like memory (Zhu et al. 2024).
+- :class:`GaLoreAdafactor`: Adafactor with factored second moments in the GaLore subspace.
 - :func:`lowrank_param_groups`: split a model into a low-rank group and a plain group.
 """
 
 from lowmem.optim.apollo_adamw import APOLLO_MINI, ApolloAdamW
 from lowmem.optim.fira_adamw import FiraAdamW
+from lowmem.optim.galore_adafactor import GaLoreAdafactor
 from lowmem.optim.galore_adamw import GaLoreAdamW
 from lowmem.optim.param_groups import lowrank_param_groups
 
-__all__ = ["APOLLO_MINI", "ApolloAdamW", "FiraAdamW", "GaLoreAdamW", "lowrank_param_groups"]
+__all__ = ["APOLLO_MINI", "ApolloAdamW", "FiraAdamW", "GaLoreAdafactor", "GaLoreAdamW", "lowrank_param_groups"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from adafactor_reference import galore_adafactor_cases
 from torch import Tensor
 
 from lowmem.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW
@@ -279,6 +280,7 @@ class OptimizerCase:
         reference: ``reference(weight, hyper)`` → object whose ``step(grad)`` returns the new
             weight, for a 2-D weight in ``matrices`` (fp64, independent implementation).
         invalid_group_values: group key → values the optimizer must reject naming the key.
+        adam_family, lr_linear: which AdamW-specific contract tests apply.
     """
 
     id: str
@@ -286,6 +288,11 @@ class OptimizerCase:
     lowrank: dict[str, Any] = field(default_factory=dict)
     reference: Callable[[Tensor, dict[str, Any]], Any] | None = None
     invalid_group_values: dict[str, list[Any]] = field(default_factory=dict)
+    #: AdamW family: plain groups equal torch.optim.AdamW, groups have betas/eps, state exp_avg(_sq).
+    adam_family: bool = True
+    #: Each step's change is exactly lr × something lr-independent (no momentum over past lrs,
+    #: no lr-free parameter scale), so LambdaLR must scale updates exactly.
+    lr_linear: bool = True
 
     @property
     def refresh_gap(self) -> int | None:
@@ -378,6 +385,7 @@ OPTIMIZERS: list[OptimizerCase] = [
     ),
     galore_case("FiraAdamW-left-reset", **_FIRA, **_LOWRANK, proj_type="left", on_refresh="reset"),
     galore_case("ApolloAdamW-plain", optimizer=ApolloAdamW),
+    *galore_adafactor_cases(),
     galore_case("ApolloAdamW-channel", **_APOLLO, **_LOWRANK),
     galore_case("ApolloAdamW-mini", **_APOLLO, **_LOWRANK_GAP, **APOLLO_MINI),
     galore_case("ApolloAdamW-left-reset", **_APOLLO, **_LOWRANK, proj_type="left", on_refresh="reset"),
@@ -390,6 +398,7 @@ OPTIMIZERS: list[OptimizerCase] = [
 ]
 
 LOWRANK_OPTIMIZERS = [case for case in OPTIMIZERS if case.lowrank]
+ADAM_OPTIMIZERS = [case for case in OPTIMIZERS if case.adam_family]
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

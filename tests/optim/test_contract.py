@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from contract import (
+    ADAM_OPTIMIZERS,
     LOWRANK_OPTIMIZERS,
     OPTIMIZERS,
     OptimizerCase,
@@ -25,6 +26,10 @@ from contract import (
 
 all_cases = pytest.mark.parametrize("case", OPTIMIZERS, ids=lambda c: c.id)
 lowrank_only = pytest.mark.parametrize("case", LOWRANK_OPTIMIZERS, ids=lambda c: c.id)
+# Tests that compare plain groups with torch.optim.AdamW or read Adam's state keys.
+adam_family = pytest.mark.parametrize("case", ADAM_OPTIMIZERS, ids=lambda c: c.id)
+adam_lowrank = pytest.mark.parametrize("case", [c for c in ADAM_OPTIMIZERS if c.lowrank], ids=lambda c: c.id)
+lr_linear = pytest.mark.parametrize("case", [c for c in OPTIMIZERS if c.lr_linear], ids=lambda c: c.id)
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
 HYPER_VARIANTS = [
@@ -48,7 +53,7 @@ def quiet_step(opt: torch.optim.Optimizer, closure=None):
 # ------------------------------------------------------------------------------ trajectory
 
 
-@all_cases
+@adam_family
 @pytest.mark.parametrize("extra", HYPER_VARIANTS)
 def test_trajectory_matches_reference(case: OptimizerCase, extra: dict) -> None:
     """7 steps (refreshes at 1, 4, 7): matrices vs the case's reference; others vs AdamW bitwise."""
@@ -148,7 +153,7 @@ def test_state_dict_keys_and_refresh_counters_in_low_precision(case: OptimizerCa
 # ------------------------------------------------------------------------------ param groups
 
 
-@all_cases
+@adam_family
 def test_add_param_group_gets_defaults(case: OptimizerCase) -> None:
     matrices, _ = make_params()
     opt = build(case, matrices, {}, lr=0.03, maximize=True)
@@ -171,16 +176,23 @@ def test_add_param_group_gets_defaults(case: OptimizerCase) -> None:
         assert opt.state[extra_matrix]["exp_avg"].shape == (7, 1)
 
 
-@all_cases
+BAD_HYPERPARAMETERS = [
+    ({"lr": -1.0}, "Invalid learning rate"),
+    ({"lr": math.nan}, "Invalid learning rate"),
+    ({"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
+    ({"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1"),
+    ({"eps": -1e-8}, "Invalid epsilon value"),
+    ({"weight_decay": -0.1}, "Invalid weight_decay value"),
+]
+
+
 @pytest.mark.parametrize(
-    ("bad", "message"),
+    ("case", "bad", "message"),
     [
-        ({"lr": -1.0}, "Invalid learning rate"),
-        ({"lr": math.nan}, "Invalid learning rate"),
-        ({"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
-        ({"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1"),
-        ({"eps": -1e-8}, "Invalid epsilon value"),
-        ({"weight_decay": -0.1}, "Invalid weight_decay value"),
+        pytest.param(case, bad, message, id=f"{case.id}-{next(iter(bad))}{index}")
+        for case in OPTIMIZERS
+        for index, (bad, message) in enumerate(BAD_HYPERPARAMETERS)
+        if case.adam_family or "betas" not in bad  # Adafactor-like optimizers have no betas
     ],
 )
 def test_invalid_hyperparameters_raise(case: OptimizerCase, bad: dict, message: str) -> None:
@@ -236,7 +248,7 @@ def test_step_lr_changes_group_lr(case: OptimizerCase) -> None:
         assert lrs == pytest.approx([lr] * len(opt.param_groups), rel=1e-12)
 
 
-@all_cases
+@lr_linear
 def test_lambda_lr_scales_the_update(case: OptimizerCase) -> None:
     """Gradients that do not depend on the weights make Adam's direction independent of lr, so
     with weight_decay=0 each step's change must scale exactly with the scheduler's factor, in
@@ -370,7 +382,7 @@ def test_params_without_grad_are_skipped(case: OptimizerCase) -> None:
 # ------------------------------------------------------------------------------ bf16
 
 
-@all_cases
+@adam_family
 def test_bf16_params_train_a_tiny_regression(case: OptimizerCase) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 12, generator=gen)
@@ -406,7 +418,7 @@ def test_bf16_params_train_a_tiny_regression(case: OptimizerCase) -> None:
 # ------------------------------------------------------------------------------ odd shapes
 
 
-@all_cases
+@adam_family
 def test_odd_shapes_in_plain_groups_match_adamw(case: OptimizerCase) -> None:
     shapes = {"scalar": (), "empty": (0,), "empty2d": (0, 3), "one": (1, 1), "row": (1, 4097)}
     params = {k: torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for k, s in shapes.items()}
@@ -424,7 +436,7 @@ def test_odd_shapes_in_plain_groups_match_adamw(case: OptimizerCase) -> None:
             assert p.shape == shapes[name] and torch.equal(p, plain[name]), name
 
 
-@lowrank_only
+@adam_lowrank
 def test_odd_shapes_in_rank_groups(case: OptimizerCase) -> None:
     """1×4097 (rank 1 >= min: plain AdamW, bitwise), 7×3 and 3×7 (projected), 2×2 at rank 1."""
     shapes = {"row": (1, 4097), "col": (4097, 1), "tall": (7, 3), "wide": (3, 7), "square": (2, 2)}
