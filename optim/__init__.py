@@ -13,4 +13,11 @@ from lowmem.optim.galore_adafactor import GaLoreAdafactor
 from lowmem.optim.galore_adamw import GaLoreAdamW
 from lowmem.optim.param_groups import lowrank_param_groups
 
-__all__ = ["APOLLO_MINI", "ApolloAdamW", "FiraAdamW", "GaLoreAdafactor", "GaLoreAdamW", "lowrank_param_groups"]
+__all__ = [
+    "APOLLO_MINI",
+    "ApolloAdamW",
+    "FiraAdamW",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "lowrank_param_groups",
+]

@@ -166,6 +166,8 @@ class GaLoreAdafactor(LowRankOptimizer):
         relative_step: use min(1e-2, 1/sqrt(t)) (``warmup_init``: min(1e-6·t, 1/sqrt(t))) instead of lr.
         warmup_init: see ``relative_step``.
         maximize: maximize the objective (keyword-only; not in transformers).
+        layerwise, accumulation_steps, max_grad_norm_per_param, process_group: per-layer
+            stepping inside backward, as for every lowmem optimizer (:mod:`lowmem.optim.layerwise`).
     """
 
     def __init__(
@@ -182,6 +184,10 @@ class GaLoreAdafactor(LowRankOptimizer):
         warmup_init: bool = False,
         *,
         maximize: bool = False,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm_per_param: float | None = None,
+        process_group: Any = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -197,6 +203,12 @@ class GaLoreAdafactor(LowRankOptimizer):
         }
         check_adafactor_hyperparameters(defaults)
         super().__init__(params, defaults)
+        self._init_layerwise(
+            layerwise=layerwise,
+            accumulation_steps=accumulation_steps,
+            max_grad_norm_per_param=max_grad_norm_per_param,
+            process_group=process_group,
+        )
 
     # ----------------------------------------------------------------- hooks
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:

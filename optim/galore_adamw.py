@@ -75,6 +75,11 @@ class GaLoreAdamW(AdamLowRankOptimizer):
         weight_decay: decoupled weight decay. maximize: maximize the objective.
         state_dtype: ``None`` (moments in each parameter's dtype, as torch.optim does),
             ``"float32"`` or ``"bfloat16"``; also a per-group key.
+        layerwise, accumulation_steps, max_grad_norm_per_param, process_group: per-layer
+            stepping inside backward, see :class:`lowmem.optim.lowrank_adam.AdamLowRankOptimizer`
+            and :mod:`lowmem.optim.layerwise`. With accumulation, micro-batch gradients of
+            projected weights are summed in the low-rank space between refreshes (R += project(G_i),
+            m×r instead of m×n), which is exact because R enters the update only through project(G).
     """
 
     def _lowrank_step(
@@ -102,4 +107,33 @@ class GaLoreAdamW(AdamLowRankOptimizer):
             scale=float(group["scale"]),
             step=float(moment_step),
             maximize=group["maximize"],
+        )
+
+    def _lowrank_step_projected(
+        self,
+        weight: Tensor,
+        low: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        side: Side,
+        moment_step: int,
+    ) -> None:
+        # Layer-wise accumulation: ``low`` is Σ project(G_i), the same R as project(Σ G_i) up to rounding.
+        beta1, beta2 = group["betas"]
+        lowrank_adamw_update(
+            weight,
+            low,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state.get("proj_left"),
+            state.get("proj_right"),
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            scale=float(group["scale"]),
+            step=float(moment_step),
+            maximize=group["maximize"],
+            projected=True,
         )

@@ -28,6 +28,23 @@ class AdamLowRankOptimizer(LowRankOptimizer):
     dtype). ``state_dtype`` stores the moments in another precision than the parameters
     (``"float32"`` moments for bf16 weights, or ``"bfloat16"`` moments to halve the state);
     the update is always computed in fp32.
+
+    Layer-wise stepping and clipping (keyword-only; see :mod:`lowmem.optim.layerwise`):
+
+    - ``layerwise`` (False): update each parameter inside backward, from a post-accumulate-grad
+      hook, as soon as its gradient is ready, and free that gradient; ``step()`` then updates
+      nothing (call it anyway: closures, step hooks and LR schedulers keep working).
+    - ``accumulation_steps`` (1; > 1 needs ``layerwise``): update on every k-th backward pass
+      from the SUM of the k micro-batch gradients (scale the loss by 1/k for the mean);
+      projected parameters keep that sum in the low-rank space between refreshes when the
+      optimizer supports it (GaLore).
+    - ``max_grad_norm_per_param`` (None): clip each parameter's gradient to this L2 norm before
+      its update, as ``torch.nn.utils.clip_grad_norm_([p], max_norm)`` for each p (with or
+      without ``layerwise``). Global-norm clipping needs every gradient at once, which
+      layer-wise stepping never holds.
+    - ``process_group`` (None; needs ``layerwise``): average each gradient over this group
+      (all-reduce, then / world size) right before its update; use it instead of wrapping the
+      model in DistributedDataParallel.
     """
 
     def __init__(
@@ -40,6 +57,10 @@ class AdamLowRankOptimizer(LowRankOptimizer):
         *,
         maximize: bool = False,
         state_dtype: str | None = None,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm_per_param: float | None = None,
+        process_group: Any = None,
     ) -> None:
         check_adam_hyperparameters(lr, betas, eps, weight_decay)
         defaults = {
@@ -51,6 +72,12 @@ class AdamLowRankOptimizer(LowRankOptimizer):
             "state_dtype": state_dtype,
         }
         super().__init__(params, defaults)
+        self._init_layerwise(
+            layerwise=layerwise,
+            accumulation_steps=accumulation_steps,
+            max_grad_norm_per_param=max_grad_norm_per_param,
+            process_group=process_group,
+        )
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])

@@ -17,6 +17,10 @@ Per-parameter flow of :meth:`LowRankOptimizer.step`::
         not projected → _full_rank_step (subclass)
         projected     → refresh the basis if due (first step, then every update_proj_gap)
                         → _lowrank_step(weight as m×n, grad as m×n, ...) (subclass)
+
+With ``layerwise=True`` (:meth:`LowRankOptimizer._init_layerwise`, :mod:`lowmem.optim.layerwise`)
+the same per-parameter update runs inside backward, from a post-accumulate-grad hook, and
+``step()`` updates nothing.
 """
 
 from __future__ import annotations
@@ -35,12 +39,19 @@ from lowmem.optim._checks import (
     check_positive_float,
     check_positive_int,
 )
+from lowmem.optim.layerwise import (
+    LayerwiseOptions,
+    LayerwiseStepper,
+    clip_grad_per_param_,
+    layerwise_options,
+)
 from lowmem.optim.projector import (
     PROJ_TYPES,
     PROJECTORS,
     Side,
     compute_basis,
     lowrank_shape,
+    project,
     projection_side,
     random_basis,
 )
@@ -77,6 +88,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
     - ``_full_rank_step(param, state, group)`` and
       ``_lowrank_step(weight, grad, state, group, side, moment_step)``.
     - ``_carry_moments(state, old, new)`` / ``_reset_moments(state)`` for ``on_refresh``.
+    - optionally ``_lowrank_step_projected(weight, low, state, group, side, moment_step)``: the
+      low-rank step from an already-projected gradient, which lets layer-wise accumulation keep
+      micro-batch gradients in the low-rank space (GaLore; see :mod:`lowmem.optim.layerwise`).
+
+    A subclass constructor ends with ``self._init_layerwise(layerwise=..., accumulation_steps=...,
+    max_grad_norm_per_param=..., process_group=...)`` to offer layer-wise stepping and
+    per-parameter clipping (AdamLowRankOptimizer does).
     """
 
     lowrank_defaults: ClassVar[dict[str, Any]] = LOWRANK_DEFAULTS
@@ -84,6 +102,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
     on_refresh_choices: ClassVar[tuple[str, ...]] = ON_REFRESH
     #: Group keys that are accepted as another name of a key (e.g. fira's ``alpha`` for ``scale``).
     key_aliases: ClassVar[dict[str, str]] = {}
+    # Layer-wise stepping and per-parameter clipping; class-level defaults (off) for subclasses
+    # whose constructor does not call _init_layerwise.
+    _layerwise_options: LayerwiseOptions = LayerwiseOptions()
+    _layerwise: LayerwiseStepper | None = None
 
     # ----------------------------------------------------------------- subclass hooks
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -126,6 +148,74 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """A state key whose shape is the low-rank shape (used to detect changed rank settings)."""
         return "exp_avg"
 
+    def _lowrank_step_projected(
+        self,
+        weight: Tensor,
+        low: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        side: Side,
+        moment_step: int,
+    ) -> None:
+        """``_lowrank_step`` from ``low = _project_grad(G)`` instead of G (``low`` may be overwritten).
+
+        Optional: override it only if the low-rank update depends on G through project(G) alone
+        (GaLore); then layer-wise accumulation keeps micro-batch gradients low-rank. Optimizers
+        that need the full G (Fira's residual, APOLLO's scaled raw gradient) leave it alone.
+        """
+        raise NotImplementedError
+
+    def _accumulates_projected_grad(self) -> bool:
+        """Whether :meth:`_lowrank_step_projected` is implemented (layer-wise accumulation uses it)."""
+        return type(self)._lowrank_step_projected is not LowRankOptimizer._lowrank_step_projected
+
+    def _project_grad(self, param: Tensor, grad: Tensor, state: dict[str, Any]) -> Tensor:
+        """``grad`` (param-shaped) in the current low-rank basis: the input of _lowrank_step_projected."""
+        return project(grad.reshape(matrix_shape(param)), *self._current_basis(state))
+
+    # ----------------------------------------------------------------- layer-wise stepping
+    def _init_layerwise(
+        self,
+        *,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm_per_param: float | None = None,
+        process_group: Any = None,
+    ) -> None:
+        """Validate and apply the layer-wise keywords; call at the end of a subclass ``__init__``.
+
+        See :mod:`lowmem.optim.layerwise` for what they do. Raises ValueError naming the argument.
+        """
+        options = layerwise_options(layerwise, accumulation_steps, max_grad_norm_per_param, process_group)
+        self._layerwise_options = options
+        if options.layerwise:
+            self._layerwise = LayerwiseStepper(self, options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if self._layerwise_options != LayerwiseOptions():
+            if self._layerwise_options.process_group is not None:
+                raise TypeError(
+                    f"cannot copy or pickle a {type(self).__name__} with a process_group; build a new one "
+                    "and load_state_dict() into it"
+                )
+            state["_layerwise_options"] = self._layerwise_options
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        stepper = self.__dict__.get("_layerwise")
+        if stepper is not None:
+            stepper.reset()  # load_state_dict: new group dicts, and a window of the old run is void
+        elif self._layerwise_options.layerwise:
+            self._layerwise = LayerwiseStepper(self, self._layerwise_options)  # a copy: hook its params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; in layer-wise mode also drops low-rank accumulations."""
+        super().zero_grad(set_to_none)
+        if self._layerwise is not None:
+            self._layerwise.drop_gradients()
+
     # ----------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validating its hyperparameters and low-rank keys before anything changes."""
@@ -166,6 +256,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                         "'rank' (lowmem.optim.lowrank_param_groups does this)"
                     )
         super().add_param_group(param_group)
+        if self._layerwise is not None:
+            self._layerwise.register(self.param_groups[-1]["params"])
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
@@ -199,11 +291,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss.
+
+        With ``layerwise=True`` the parameters were already updated inside backward: this only
+        runs the closure (whose backward updates them) and checks for unconsumed gradients.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._layerwise is not None:
+            # Every parameter was updated inside backward; updating here would update twice.
+            self._layerwise.on_step(self)
+            return loss
 
         # Validate everything first, so a bad gradient raises before any parameter moves.
         work: list[tuple[dict[str, Any], Tensor, Side | None]] = []
@@ -235,8 +335,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._check_state(param, group, side, name)
         return side
 
-    def _step_param(self, param: Tensor, group: dict[str, Any], side: Side | None) -> None:
-        """Update one parameter from ``param.grad`` (already validated)."""
+    def _step_param(
+        self, param: Tensor, group: dict[str, Any], side: Side | None, projected_grad: Tensor | None = None
+    ) -> None:
+        """Update one parameter from ``param.grad`` (already validated).
+
+        ``projected_grad`` (layer-wise accumulation): the gradient already in the parameter's
+        current low-rank basis, given only for a projected parameter with state and no refresh
+        due; the update then runs through :meth:`_lowrank_step_projected`.
+        """
+        max_norm = self._layerwise_options.max_grad_norm_per_param
+        if max_norm is not None and projected_grad is None:
+            clip_grad_per_param_(param.grad, max_norm)
         state = self.state[param]
         if not state:
             shape = lowrank_shape(matrix_shape(param), group["rank"], side) if side else tuple(param.shape)
@@ -251,22 +361,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         step = int(state["step"].item())
         shape = matrix_shape(param)
-        grad = param.grad.reshape(shape)
+        grad = param.grad.reshape(shape) if projected_grad is None else None
         if param.dim() == 2:
             weight, copy_back = param, False
         elif param.is_contiguous():
             weight, copy_back = param.view(shape), False
         else:  # e.g. a channels_last conv weight: update a contiguous copy, then write it back
             weight, copy_back = param.reshape(shape), True
-        last = int(state["last_refresh"].item())
-        if last < 0 or step - last >= group["update_proj_gap"]:
+        if self._refresh_due(state, group, step):
+            if grad is None:
+                raise RuntimeError("projected_grad was given for a step that refreshes the basis")
             self._refresh(grad, group, state, side, step)
-            last = int(state["last_refresh"].item())
+        last = int(state["last_refresh"].item())
         # "reset" restarts bias correction at each refresh; "keep"/"project" carry the moments on.
         moment_step = step - last + 1 if group["on_refresh"] == "reset" and last >= 0 else step
-        self._lowrank_step(weight, grad, state, group, side, moment_step)
+        if grad is None:
+            self._lowrank_step_projected(weight, projected_grad, state, group, side, moment_step)
+        else:
+            self._lowrank_step(weight, grad, state, group, side, moment_step)
         if copy_back:
             param.copy_(weight.view(param.shape))
+
+    @staticmethod
+    def _refresh_due(state: dict[str, Any], group: dict[str, Any], step: int) -> bool:
+        """Whether update number ``step`` recomputes the basis: the first, then every update_proj_gap."""
+        last = int(state["last_refresh"].item())
+        return last < 0 or step - last >= group["update_proj_gap"]
 
     # ----------------------------------------------------------------- projector
     def _has_basis(self, state: dict[str, Any]) -> bool:

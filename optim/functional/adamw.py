@@ -62,6 +62,7 @@ def lowrank_adamw_update(
     scale: float,
     step: float,
     maximize: bool,
+    projected: bool = False,
 ) -> None:
     """One GaLore-AdamW step for one m×n weight, in place.
 
@@ -81,8 +82,10 @@ def lowrank_adamw_update(
         exp_avg, exp_avg_sq: moments in the low-rank shape, updated in place.
         left, right: the basis P (m×r) and/or Q (r×n), see :mod:`lowmem.optim.projector`.
         step: the bias-correction step of the moments (restarts at 1 after a moment reset).
+        projected: ``grad`` is already R = project(G) (low-rank shaped: layer-wise accumulation
+            sums micro-batch gradients there); it is then overwritten, as scratch for N.
     """
-    low = project(grad, left, right)
+    low = grad if projected else project(grad, left, right)
     if maximize:
         low.neg_()
     direction = dispatch("adam_direction", low.device, low.dtype)(

@@ -1,0 +1,98 @@
+"""One rank of test_layerwise.py's data-parallel test, and the training run both sides share.
+
+``python layerwise_ddp_worker.py RANK WORLD_SIZE INIT_FILE OUT_DIR`` joins a gloo group through
+a file store (no port to pick, nothing to collide with), trains the same tiny model with
+layer-wise GaLoreAdamW and ``process_group=WORLD`` on its shard of every global batch, and saves
+the final parameters to ``OUT_DIR/rank{RANK}.pt``. The test imports :func:`train` to run the
+single-process reference on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from lowmem.optim import GaLoreAdamW
+
+GLOBAL_BATCH = 8
+STEPS = 4  # gap 2: refreshes at updates 1 and 3, low-rank accumulation at updates 2 and 4
+CONFIGS = {"k1": 1, "k2": 2}
+
+
+def init_params() -> dict[str, torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"w1": (16, 8), "b1": (16,), "w2": (6, 16), "b2": (6,)}
+    return {
+        name: torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5)
+        for name, shape in shapes.items()
+    }
+
+
+def global_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + micro)
+    x = torch.randn(GLOBAL_BATCH, 8, generator=gen, dtype=torch.float64)
+    y = torch.randn(GLOBAL_BATCH, 6, generator=gen, dtype=torch.float64)
+    return x, y
+
+
+def train(
+    micro_batches: int, *, rank: int = 0, world_size: int = 1, **optimizer_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """STEPS updates of ``micro_batches`` backward passes each, on this rank's shard of every
+    global batch, calling step() after the last one; returns the final parameters.
+
+    The loss is the mean over the local shard, so the mean of the ranks' gradients is the
+    gradient of the global batch's mean loss: what one process on the whole batch computes.
+    """
+    p = init_params()
+    opt = GaLoreAdamW(
+        [{"params": [p["w1"], p["w2"]], "rank": 2, "update_proj_gap": 2}, {"params": [p["b1"], p["b2"]]}],
+        lr=1e-2,
+        weight_decay=0.1,
+        **optimizer_kwargs,
+    )
+    shard = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    for step in range(STEPS):
+        for micro in range(micro_batches):
+            x, y = global_batch(step, micro)
+            hidden = torch.tanh(x[shard] @ p["w1"].T + p["b1"])
+            loss = ((hidden @ p["w2"].T + p["b2"] - y[shard]) ** 2).mean()
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {name: param.detach().clone() for name, param in p.items()}
+
+
+def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=30),
+    )
+    try:
+        results = {
+            name: train(
+                k,
+                rank=rank,
+                world_size=world_size,
+                layerwise=True,
+                accumulation_steps=k,
+                process_group=dist.group.WORLD,
+            )
+            for name, k in CONFIGS.items()
+        }
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
