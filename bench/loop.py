@@ -26,7 +26,7 @@ from lowmem.bench.measure import (
     tensor_bytes,
 )
 from lowmem.bench.model import ModelPreset, build_model, evaluate, language_model_loss
-from lowmem.bench.optimizers import OptimizerSettings, build_optimizer
+from lowmem.bench.optimizers import OptimizerSettings, build_optimizer, split_lowrank_params
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def train_one(
     Keys: ``seed``, ``train_loss`` (mean of the last ``final_loss_window`` step losses),
     ``val_loss``, ``val_ppl``, ``step_time_s`` / ``optimizer_step_time_s`` (medians after
     ``timing_warmup`` steps), ``step_time_mean_s`` (includes projector refreshes),
-    ``param_bytes``, ``optimizer_state_bytes``, ``peak_memory_bytes``, ``peak_memory_method``,
+    ``param_bytes``, ``optimizer_state_bytes``, ``target_state_bytes`` (state of the projected
+    target-module weights only), ``peak_memory_bytes``, ``peak_memory_method``,
     ``train_curve`` (loss per step), ``val_curve`` (``[step, loss]`` pairs).
     """
     device = config.device
@@ -135,6 +136,10 @@ def train_one(
     val_curve.append([len(train_curve), val_loss])
     state_bytes = optimizer_state_bytes(optimizer)
     param_bytes = parameter_bytes(model.parameters())
+    # The state of the weights a low-rank method projects (the target modules' matrices), which
+    # is where low-rank methods save; embeddings, norms and the LM head get AdamW in every row.
+    targets, _ = split_lowrank_params(model, settings.target_modules)
+    target_state_bytes = tensor_bytes([optimizer.state[p] for p in targets if p in optimizer.state])
 
     # Peak memory. CUDA: the allocator's own high-water mark over the whole run. CPU: one extra
     # (unreported) step under the profiler; its peak above the step's start plus what was live
@@ -164,6 +169,7 @@ def train_one(
         "optimizer_step_time_s": median_after_warmup(optimizer_timer.seconds, config.timing_warmup),
         "param_bytes": param_bytes,
         "optimizer_state_bytes": state_bytes,
+        "target_state_bytes": target_state_bytes,
         "peak_memory_bytes": int(peak_bytes),
         "peak_memory_method": peak_method,
         "train_curve": train_curve,

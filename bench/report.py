@@ -47,6 +47,7 @@ def summarize(runs: list[dict[str, Any]], baseline_runs: list[dict[str, Any]] | 
         "optimizer_step_time_s": statistics.median(r["optimizer_step_time_s"] for r in runs),
         "param_bytes": runs[0]["param_bytes"],
         "optimizer_state_bytes": runs[0]["optimizer_state_bytes"],
+        "target_state_bytes": runs[0].get("target_state_bytes", 0),
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
         "peak_memory_method": runs[0]["peak_memory_method"],
     }
@@ -57,7 +58,13 @@ def summarize(runs: list[dict[str, Any]], baseline_runs: list[dict[str, Any]] | 
         ]
         summary["val_loss_delta_mean"], summary["val_loss_delta_std"] = _mean_std(deltas)
         base = summarize(baseline_runs, None)
-        for key in ("step_time_s", "optimizer_step_time_s", "optimizer_state_bytes", "peak_memory_bytes"):
+        for key in (
+            "step_time_s",
+            "optimizer_step_time_s",
+            "optimizer_state_bytes",
+            "target_state_bytes",
+            "peak_memory_bytes",
+        ):
             summary[f"{key}_ratio"] = summary[key] / base[key] if base[key] else float("nan")
     return summary
 
@@ -73,6 +80,7 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
         "step ms",
         "opt.step ms",
         "opt state MiB",
+        "of which projected weights",
         "peak MiB",
     ]
     rows = [headers]
@@ -93,6 +101,7 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
                 f"{s['step_time_s'] * 1e3:.1f}{ratio('step_time_s')}",
                 f"{s['optimizer_step_time_s'] * 1e3:.2f}{ratio('optimizer_step_time_s')}",
                 f"{s['optimizer_state_bytes'] / MIB:.2f}{ratio('optimizer_state_bytes')}",
+                f"{s['target_state_bytes'] / MIB:.3f}{ratio('target_state_bytes')}",
                 f"{s['peak_memory_bytes'] / MIB:.1f}{ratio('peak_memory_bytes')}",
             ]
         )
@@ -110,7 +119,9 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
 
 def _ratio_suffix(summary: dict[str, Any], key: str) -> str:
     r = summary.get(f"{key}_ratio")
-    return f" ({r:.2f}x)" if r is not None and math.isfinite(r) else ""
+    if r is None or not math.isfinite(r):
+        return ""
+    return f" ({r:.2f}x)" if r >= 0.1 else f" ({r:.4f}x)"  # small ratios (APOLLO-Mini) keep digits
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
