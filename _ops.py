@@ -117,8 +117,24 @@ def _triton_importable() -> str | None:
     return None
 
 
+# dispatch() runs for every op of every parameter in every optimizer step, so reading the two
+# environment variables it depends on must be cheap: os.environ.get re-encodes the key on each
+# call (~1 µs); on POSIX the mapping's own bytes-keyed dict answers the same question in ~50 ns
+# and stays in sync with os.environ (monkeypatch.setenv, os.environ[...] = ...).
+_ENVIRON_DATA: dict[bytes, bytes] | None = (
+    getattr(os.environ, "_data", None) if os.name == "posix" else None  # type: ignore[assignment]
+)
+
+
+def _getenv(name: str, name_bytes: bytes) -> str | None:
+    if isinstance(_ENVIRON_DATA, dict):
+        value = _ENVIRON_DATA.get(name_bytes)
+        return None if value is None else os.fsdecode(value)
+    return os.environ.get(name)
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _getenv("TRITON_INTERPRET", b"TRITON_INTERPRET") == "1"
 
 
 def unavailable_reason(
@@ -161,7 +177,7 @@ def forced_backend() -> str | None:
     """The backend forced by :func:`backend` or, failing that, ``LOWMEM_BACKEND``; else ``None``."""
     forced = _forced_backend.get()
     if forced is None:
-        forced = os.environ.get("LOWMEM_BACKEND") or None
+        forced = _getenv("LOWMEM_BACKEND", b"LOWMEM_BACKEND") or None
         if forced is not None and forced not in BACKENDS:
             raise ValueError(f"LOWMEM_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKENDS)}")
     return forced
@@ -255,4 +271,13 @@ register_op(
     triton="lowmem.kernels.lowrank_update:lowrank_update",
     dtypes={"triton": _LOW_PRECISION_AND_FP32},
     prefer={"cuda": ("ref",)},
+)
+# 8-bit block-wise AdamW (Dettmers et al. 2022): the C++ CPU kernel is built on first use
+# (lowmem/kernels/_cpp.py); without a compiler its import fails and CPU falls back to the reference.
+register_op(
+    "adamw8bit",
+    ref="lowmem.kernels.adamw8bit:adamw8bit_ref",
+    triton="lowmem.kernels.adamw8bit:adamw8bit",
+    cpp="lowmem.kernels.adamw8bit_cpu:adamw8bit_cpu",
+    dtypes={"triton": _LOW_PRECISION_AND_FP32, "cpp": _LOW_PRECISION_AND_FP32},
 )

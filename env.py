@@ -44,7 +44,7 @@ def report() -> str:
             ", ".join(op for op in _ops.registered_ops() if _ops.unavailable_reason(op, "cpp", "cpu") is None)
             or "none available"
         )
-        + " (csrc/ has no ops of its own yet)",
+        + " (csrc/: adamw8bit; adam_direction's is torch's own fused kernel)",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
         f"LOWMEM_BACKEND={os.environ.get('LOWMEM_BACKEND', '') or '(auto)'}",
         "",

@@ -1,4 +1,4 @@
-"""Command line of the benchmark harness: ``python -m lowmem.bench {train,micro,step} [options]``.
+"""Command line of the benchmark harness: ``python -m lowmem.bench {train,micro,step,step8bit} [options]``.
 
 Each subcommand is a module with ``main(argv: list[str] | None) -> int``, imported only when
 chosen, so ``micro`` never pays for transformers and ``train`` never for the kernel suites.
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "train": ("lowmem.bench.train", "train a small LLaMA on the stdlib source and compare optimizers"),
     "micro": ("lowmem.bench.micro", "micro-benchmarks of single kernels, with bytes and FLOPs models"),
     "step": ("lowmem.bench.step", "one optimizer step (steady and refresh) vs galore-torch and AdamW"),
+    "step8bit": ("lowmem.bench.step8bit", "8-bit AdamW step on CPU vs torch fused AdamW and bitsandbytes"),
 }
 
 

@@ -246,15 +246,18 @@ def _package_missing(module: str, pip_name: str) -> Callable[[], str | None]:
 #: validation loss over seeds 0-2). AdamW: 1e-3 (2.145) beat 5e-4 (2.155) and 2e-3 (2.208).
 #: lowmem GaLore (its scale 0.25 shrinks the step): 1.2e-2 (1.887) beat 6e-3 (1.901) and 2e-2
 #: (1.896). galore-torch gets GaLore's lr, so the two are compared at equal settings.
+#: lowmem Fira: 6e-3 (1.845) beat 3e-3 (1.944) and 1.2e-2 (1.861). APOLLO (channel, rank 64,
+#: scale 1): 4e-3 (1.932) beat 1e-3 (2.158), 2e-3 (2.038) and 8e-3 (2.021). APOLLO-Mini: 3e-3
+#: (2.158) beat 1e-3 (2.244), 2e-3 (2.164) and 4e-3 (2.176). The authors' packages get ours.
 DEFAULT_LRS = {
     "adamw": 1e-3,
     "galore": 1.2e-2,
     "galore-torch": 1.2e-2,
     "fira": 6e-3,
     "fira-package": 6e-3,
-    "apollo": 2e-3,
-    "apollo-torch": 2e-3,
-    "apollo-mini": 2e-3,
+    "apollo": 4e-3,
+    "apollo-torch": 4e-3,
+    "apollo-mini": 3e-3,
 }
 
 REGISTRY: dict[str, OptimizerEntry] = {

@@ -153,11 +153,12 @@ class ApolloAdamW(AdamLowRankOptimizer):
     ) -> None:
         left, right = self._basis(state, group, grad, side)
         beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = self._moments(state)
         lowrank_apollo_update(
             weight,
             grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            exp_avg,
+            exp_avg_sq,
             left,
             right,
             state["update_norm"],
@@ -172,3 +173,4 @@ class ApolloAdamW(AdamLowRankOptimizer):
             step=float(moment_step),
             maximize=group["maximize"],
         )
+        self._store_moments(state, exp_avg, exp_avg_sq)

@@ -71,11 +71,12 @@ class FiraAdamW(AdamLowRankOptimizer):
         moment_step: int,
     ) -> None:
         beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = self._moments(state)
         lowrank_fira_update(
             weight,
             grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            exp_avg,
+            exp_avg_sq,
             state.get("proj_left"),
             state.get("proj_right"),
             state["residual_norm"],
@@ -89,3 +90,4 @@ class FiraAdamW(AdamLowRankOptimizer):
             step=float(moment_step),
             maximize=group["maximize"],
         )
+        self._store_moments(state, exp_avg, exp_avg_sq)

@@ -92,11 +92,12 @@ class GaLoreAdamW(AdamLowRankOptimizer):
         moment_step: int,
     ) -> None:
         beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = self._moments(state)
         lowrank_adamw_update(
             weight,
             grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            exp_avg,
+            exp_avg_sq,
             state.get("proj_left"),
             state.get("proj_right"),
             lr=float(group["lr"]),
@@ -108,6 +109,7 @@ class GaLoreAdamW(AdamLowRankOptimizer):
             step=float(moment_step),
             maximize=group["maximize"],
         )
+        self._store_moments(state, exp_avg, exp_avg_sq)
 
     def _lowrank_step_projected(
         self,
@@ -120,11 +122,12 @@ class GaLoreAdamW(AdamLowRankOptimizer):
     ) -> None:
         # Layer-wise accumulation: ``low`` is Σ project(G_i), the same R as project(Σ G_i) up to rounding.
         beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = self._moments(state)
         lowrank_adamw_update(
             weight,
             low,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            exp_avg,
+            exp_avg_sq,
             state.get("proj_left"),
             state.get("proj_right"),
             lr=float(group["lr"]),
@@ -137,3 +140,4 @@ class GaLoreAdamW(AdamLowRankOptimizer):
             maximize=group["maximize"],
             projected=True,
         )
+        self._store_moments(state, exp_avg, exp_avg_sq)

@@ -8,17 +8,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lowmem._ops import dispatch
+from lowmem.kernels.blockwise_quant import blockwise_zeros, dequantize_blockwise, quantize_blockwise
 from lowmem.optim._checks import check_adam_hyperparameters, check_choice
 from lowmem.optim.functional.adamw import adamw_update
 from lowmem.optim.lowrank_base import LowRankOptimizer
 from lowmem.optim.projector import Side, transport_moments
 
-#: ``state_dtype`` values: None keeps each parameter's dtype (torch.optim's behaviour).
+#: ``state_dtype`` values: None keeps each parameter's dtype (torch.optim's behaviour); "int8"
+#: stores block-wise quantized moments (fp32 for tensors under ``min_8bit_size`` elements).
 STATE_DTYPES: dict[str | None, torch.dtype | None] = {
     None: None,
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
+    "int8": torch.float32,
 }
+#: Moments with fewer elements stay fp32 under ``state_dtype="int8"`` (bitsandbytes' default):
+#: their quantization would save little and their absmax blocks would be mostly padding.
+MIN_8BIT_SIZE = 4096
 
 
 class AdamLowRankOptimizer(LowRankOptimizer):
@@ -42,6 +49,14 @@ class AdamLowRankOptimizer(LowRankOptimizer):
       its update, as ``torch.nn.utils.clip_grad_norm_([p], max_norm)`` for each p (with or
       without ``layerwise``). Global-norm clipping needs every gradient at once, which
       layer-wise stepping never holds.
+    - ``state_dtype="int8"``: both moments block-wise quantized (blocks of 256, dynamic
+      quantization maps with a per-block absmax, Dettmers et al. 2022, arXiv:2110.02861),
+      2 bytes per element plus 8 bytes per 256. State keys: ``exp_avg`` / ``exp_avg_sq`` hold
+      uint8 codes in the moment's shape, ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` fp32 scales.
+      Plain groups use one fused pass (dequantize, AdamW in fp32, requantize; C++ on CPU,
+      Triton on CUDA); low-rank moments are dequantized, updated and requantized around the
+      low-rank step. Moments under ``min_8bit_size`` elements (4096) stay fp32: visible as
+      ``exp_avg.dtype == torch.float32`` and no ``*_absmax`` keys.
     - ``process_group`` (None; needs ``layerwise``): average each gradient over this group
       (all-reduce, then / world size) right before its update; use it instead of wrapping the
       model in DistributedDataParallel.
@@ -57,6 +72,7 @@ class AdamLowRankOptimizer(LowRankOptimizer):
         *,
         maximize: bool = False,
         state_dtype: str | None = None,
+        min_8bit_size: int = MIN_8BIT_SIZE,
         layerwise: bool = False,
         accumulation_steps: int = 1,
         max_grad_norm_per_param: float | None = None,
@@ -70,6 +86,7 @@ class AdamLowRankOptimizer(LowRankOptimizer):
             "weight_decay": weight_decay,
             "maximize": maximize,
             "state_dtype": state_dtype,
+            "min_8bit_size": min_8bit_size,
         }
         super().__init__(params, defaults)
         self._init_layerwise(
@@ -82,6 +99,9 @@ class AdamLowRankOptimizer(LowRankOptimizer):
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         check_choice("state_dtype", group.get("state_dtype"), tuple(STATE_DTYPES))
+        size = group.get("min_8bit_size", MIN_8BIT_SIZE)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"Invalid min_8bit_size: {size!r}; it must be an integer >= 0")
 
     @staticmethod
     def _moment_dtype(param: Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -90,9 +110,40 @@ class AdamLowRankOptimizer(LowRankOptimizer):
     def _init_state(
         self, state: dict[str, Any], param: Tensor, group: dict[str, Any], side: Side | None, shape: tuple
     ) -> None:
+        numel = 1
+        for size in shape:
+            numel *= size
+        if group.get("state_dtype") == "int8" and numel >= group.get("min_8bit_size", MIN_8BIT_SIZE):
+            state["exp_avg"], state["exp_avg_absmax"] = blockwise_zeros(shape, True, param.device)
+            state["exp_avg_sq"], state["exp_avg_sq_absmax"] = blockwise_zeros(shape, False, param.device)
+            return
         dtype = self._moment_dtype(param, group)
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+
+    # ----------------------------------------------------------------- moments in any precision
+    @staticmethod
+    def _is_quantized(state: dict[str, Any]) -> bool:
+        return "exp_avg_absmax" in state
+
+    def _moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(M, V) to update in place: the state tensors, or fp32 dequantized copies for int8 states
+        (write those back with :meth:`_store_moments`)."""
+        if not self._is_quantized(state):
+            return state["exp_avg"], state["exp_avg_sq"]
+        return (
+            dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed=True),
+            dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], signed=False),
+        )
+
+    def _store_moments(self, state: dict[str, Any], exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        """Requantize moments returned by :meth:`_moments` (nothing to do for unquantized states)."""
+        if not self._is_quantized(state):
+            return
+        for key, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
+            codes, absmax = quantize_blockwise(value, signed)
+            state[key].copy_(codes)
+            state[f"{key}_absmax"].copy_(absmax)
 
     def _keeps_state_dtype(self, key: str, value: Tensor, group: dict[str, Any]) -> bool:
         return super()._keeps_state_dtype(key, value, group) or group.get("state_dtype") is not None
@@ -100,19 +151,27 @@ class AdamLowRankOptimizer(LowRankOptimizer):
     def _full_rank_step(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        adamw_update(
-            param,
-            param.grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            step=state["step"].item(),
-            maximize=group["maximize"],
-        )
+        hyper = {
+            "lr": float(group["lr"]),
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "step": state["step"].item(),
+            "maximize": group["maximize"],
+        }
+        if self._is_quantized(state):
+            dispatch("adamw8bit", param.device, param.dtype)(
+                param,
+                param.grad.to(param.dtype),
+                state["exp_avg"],
+                state["exp_avg_absmax"],
+                state["exp_avg_sq"],
+                state["exp_avg_sq_absmax"],
+                **hyper,
+            )
+            return
+        adamw_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
 
     def _carry_moments(
         self,
@@ -120,8 +179,12 @@ class AdamLowRankOptimizer(LowRankOptimizer):
         old: tuple[Tensor | None, Tensor | None],
         new: tuple[Tensor | None, Tensor | None],
     ) -> None:
-        transport_moments(state["exp_avg"], state["exp_avg_sq"], old, new)
+        exp_avg, exp_avg_sq = self._moments(state)
+        transport_moments(exp_avg, exp_avg_sq, old, new)
+        self._store_moments(state, exp_avg, exp_avg_sq)
 
     def _reset_moments(self, state: dict[str, Any]) -> None:
-        state["exp_avg"].zero_()
-        state["exp_avg_sq"].zero_()
+        exp_avg, exp_avg_sq = self._moments(state)
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+        self._store_moments(state, exp_avg, exp_avg_sq)

@@ -14,6 +14,7 @@ exact-SVD reference covers both projectors.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ import torch
 from adafactor_reference import galore_adafactor_cases
 from torch import Tensor
 
-from lowmem.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW
+from lowmem.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW, GaLoreAdamW8bit
 from lowmem.optim.apollo_adamw import APOLLO_MINI, apollo_seed
 from lowmem.optim.projector import gaussian_projection, stable_seed
 
@@ -316,12 +317,17 @@ class OptimizerCase:
 def galore_case(
     case_id: str,
     *,
-    optimizer: type[torch.optim.Optimizer] = GaLoreAdamW,
+    optimizer: Callable[..., torch.optim.Optimizer] = GaLoreAdamW,
     reference_class: type[GaLoreReference] = GaLoreReference,
     invalid_values: dict[str, list[Any]] | None = None,
+    exact: bool = True,
     **lowrank: Any,
 ) -> OptimizerCase:
-    """A case of an Adam-family low-rank optimizer; ``lowrank`` empty means every group is plain AdamW."""
+    """A case of an Adam-family low-rank optimizer; ``lowrank`` empty means every group is plain AdamW.
+
+    ``exact=False`` (quantized states): the AdamW-exactness tests and the LambdaLR linearity test
+    do not apply; everything else in the contract does.
+    """
 
     def factory(
         matrices: list[Any], others: list[Any], keys: dict[str, Any], **hyper: Any
@@ -341,7 +347,9 @@ def galore_case(
         invalid = invalid_values if invalid_values is not None else GALORE_INVALID_GROUP_VALUES
     else:
         reference, invalid = AdamWReference, {}
-    return OptimizerCase(case_id, factory, dict(lowrank), reference, invalid)
+    return OptimizerCase(
+        case_id, factory, dict(lowrank), reference, invalid, adam_family=exact, lr_linear=exact
+    )
 
 
 _LOWRANK = {"rank": 2, "update_proj_gap": 3}
@@ -386,6 +394,24 @@ OPTIMIZERS: list[OptimizerCase] = [
     galore_case("FiraAdamW-left-reset", **_FIRA, **_LOWRANK, proj_type="left", on_refresh="reset"),
     galore_case("ApolloAdamW-plain", optimizer=ApolloAdamW),
     *galore_adafactor_cases(),
+    # 8-bit states on the tiny test tensors: min_8bit_size=1 quantizes every moment.
+    galore_case(
+        "GaLoreAdamW8bit-plain", optimizer=functools.partial(GaLoreAdamW8bit, min_8bit_size=1), exact=False
+    ),
+    galore_case(
+        "GaLoreAdamW8bit-lowrank",
+        optimizer=functools.partial(GaLoreAdamW8bit, min_8bit_size=1),
+        exact=False,
+        **_LOWRANK,
+    ),
+    galore_case(
+        "FiraAdamW-int8-left",
+        optimizer=functools.partial(FiraAdamW, state_dtype="int8", min_8bit_size=1),
+        exact=False,
+        invalid_values={**GALORE_INVALID_GROUP_VALUES, "proj_type": ["diag", None, "full"]},
+        **_LOWRANK,
+        proj_type="left",
+    ),
     galore_case("ApolloAdamW-channel", **_APOLLO, **_LOWRANK),
     galore_case("ApolloAdamW-mini", **_APOLLO, **_LOWRANK_GAP, **APOLLO_MINI),
     galore_case("ApolloAdamW-left-reset", **_APOLLO, **_LOWRANK, proj_type="left", on_refresh="reset"),
