@@ -8,6 +8,7 @@ run, and prints one row per (op, implementation):
 - ``adamw`` on N elements; baseline: ``torch.optim.AdamW``'s single-tensor op sequence
   (:func:`lowmem.kernels.adamw.adamw_ref`, ~10 separate elementwise kernels).
 - ``adam_direction`` on N elements; baseline: :func:`adam_direction_ref`.
+- ``adamw8bit`` on N elements (8-bit block-wise states); baseline: :func:`adamw8bit_ref`.
 - ``lowrank_update`` on an m x n weight with rank r, in GaLore's three orientations (Zhao et al.
   2024; see :mod:`lowmem.kernels.lowrank_update`); baseline: what galore-torch effectively does,
   ``upd = scale * (a @ b)`` (an m x n temporary), ``W.add_(upd, alpha=-lr)``, then
@@ -44,6 +45,8 @@ from lowmem.kernels.adamw import (
     adamw_flops,
     adamw_ref,
 )
+from lowmem.kernels.adamw8bit import adamw8bit_bytes, adamw8bit_flops, adamw8bit_ref
+from lowmem.kernels.blockwise_quant import quantize_blockwise
 from lowmem.kernels.lowrank_update import lowrank_update_bytes, lowrank_update_flops, lowrank_update_ref
 
 # Dense peaks per device-name substring (first match wins, so the PCIe entry precedes "H100").
@@ -234,6 +237,41 @@ def bench_adam_direction(numel: int, dtype: torch.dtype, device: torch.device, *
     )
 
 
+def bench_adamw8bit(numel: int, dtype: torch.dtype, device: torch.device, **timing: float) -> list[Row]:
+    """8-bit block-wise AdamW (Dettmers et al. 2022); baseline: the reference (dequantize, torch
+    math, requantize), the unfused way to do it."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    fused = dispatch("adamw8bit", device, dtype)
+    kw = {"lr": LR, "beta1": BETA1, "beta2": BETA2, "eps": EPS, "weight_decay": WD, "step": 10.0}
+
+    def tensors() -> list[torch.Tensor]:
+        p = torch.randn(numel, generator=gen, device=device).to(dtype)
+        g = torch.randn(numel, generator=gen, device=device).to(dtype)
+        m_codes, m_absmax = quantize_blockwise(g * 0.1, signed=True)
+        v_codes, v_absmax = quantize_blockwise(g * g, signed=False)
+        return [p, g, m_codes, m_absmax, v_codes, v_absmax]
+
+    t_fused, t_base = tensors(), tensors()
+    timings = _time_all(
+        "adamw8bit",
+        device,
+        lambda: adamw8bit_ref(*t_base, **kw),
+        lambda: fused(*t_fused, **kw),
+        None,
+        **timing,
+    )
+    size = torch.tensor([], dtype=dtype).element_size()
+    return _rows(
+        "adamw8bit",
+        f"N={numel}",
+        dtype,
+        device,
+        adamw8bit_bytes(numel, size),
+        adamw8bit_flops(numel),
+        timings,
+    )
+
+
 def _factors(orientation: str, m: int, n: int, r: int, dtype, device, gen) -> Callable[[], tuple]:
     """A closure returning (a, b) for ``orientation``; "full" forms ``N @ Q`` on every call."""
 
@@ -342,6 +380,7 @@ def run(
     timing = {"iters": iters, "budget_s": budget_s}
     rows = bench_adamw(numel, dtype, device, **timing)
     rows += bench_adam_direction(numel, dtype, device, **timing)
+    rows += bench_adamw8bit(numel, dtype, device, **timing)
     for orientation in ORIENTATIONS:
         rows += bench_lowrank_update(m, n, r, orientation, dtype, device, **timing)
     return rows

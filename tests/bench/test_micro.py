@@ -13,6 +13,7 @@ import torch
 
 import lowmem._ops
 from lowmem.bench import micro
+from lowmem.kernels.adamw8bit import adamw8bit_flops
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
 def test_rows_cover_every_op_with_baseline(report: tuple[dict, str]) -> None:
     data, _ = report
     ops = [r["op"] for r in data["rows"]]
-    expected = ["adamw", "adam_direction", *(f"lowrank_update/{o}" for o in micro.ORIENTATIONS)]
+    expected = ["adamw", "adam_direction", "adamw8bit", *(f"lowrank_update/{o}" for o in micro.ORIENTATIONS)]
     assert sorted(set(ops)) == sorted(expected)
     for op in expected:
         backends = [r["backend"] for r in data["rows"] if r["op"] == op]
@@ -61,6 +62,10 @@ def test_cost_models_follow_the_formulas(report: tuple[dict, str]) -> None:
             assert row["shape"] == f"N={numel}"
             assert row["bytes"] == 7 * numel * item  # read p, g, m, v; write p, m, v
             assert row["flops"] == 15 * numel
+        elif row["op"] == "adamw8bit":
+            # read+write p and both uint8 codes, read g; read+write two fp32 absmax per block
+            assert row["bytes"] == numel * (3 * item + 4) + math.ceil(numel / 256) * 16
+            assert row["flops"] == adamw8bit_flops(numel)
         elif row["op"] == "adam_direction":
             assert row["bytes"] == 6 * numel * item  # read g, m, v; write m, v, out
             assert row["flops"] == 12 * numel
