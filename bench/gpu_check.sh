@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU checks for a lent accelerator machine (no network there): the kernel and optimizer tests
-# with compiled Triton kernels (no interpreter), the kernel micro-benchmarks, the optimizer-step
-# benchmark against galore-torch, and a short training run. Writes logs and a summary table
-# into $OUT (or bench_results/gpu). Installs nothing from the network: optional wheels
-# (galore-torch, bitsandbytes) are taken from ./.whl when present.
+# GPU checks for a lent accelerator machine (no network there): the kernel tests with compiled
+# Triton kernels (no interpreter), the kernel micro-benchmarks, the optimizer-step benchmarks
+# against the research code (galore-torch, fira, apollo-torch, bitsandbytes), a host-overhead
+# probe at small sizes, and a short training run. Writes logs and a summary table into $OUT (or
+# bench_results/gpu). Installs nothing from the network: optional wheels (galore-torch, fira,
+# apollo-torch, bitsandbytes, ninja for the C++ build) are taken from ./.whl when present.
 set -uo pipefail
 out="${OUT:-bench_results/gpu}"
 mkdir -p "$out"
@@ -15,7 +16,7 @@ ln -s "$PWD" "$pkg/lowmem"
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
 fi
 
 run() {  # run NAME SECONDS CMD...: log to $out/NAME.txt, stop it after SECONDS, record its status
@@ -24,18 +25,26 @@ run() {  # run NAME SECONDS CMD...: log to $out/NAME.txt, stop it after SECONDS,
   local t0=$SECONDS
   timeout "$limit" "$@" >"$out/$name.txt" 2>&1
   local rc=$?
-  tail -n 25 "$out/$name.txt"
+  tail -n 22 "$out/$name.txt"
   echo "| $name | rc=$rc | $((SECONDS - t0)) s |" >>"$out/summary.md"
 }
 
 echo "| check | status | time |" >"$out/summary.md"
 echo "|---|---|---|" >>"$out/summary.md"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-run env 30 python3 -m lowmem.env
-run tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_ops.py tests/optim
-run step_fp32 40 python3 -m lowmem.bench step --device cuda --json "$out/step_fp32.json"
-run micro 40 python3 -m lowmem.bench micro --json "$out/micro.json"
-run train 40 python3 -m lowmem.bench train --device cuda --seeds 1 --steps 200 --plot "" --json "$out/train.json"
-run step_bf16_4096 40 python3 -m lowmem.bench step --device cuda --dtype bfloat16 --size 4096 --rank 512 \
-  --weights 2 --repeats 10 --refresh-repeats 2 --json "$out/step_bf16_4096.json"
+run env 40 python3 -m lowmem.env
+run tests 170 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_ops.py \
+  tests/optim/test_state_dtype.py tests/optim/test_apollo_adamw.py tests/optim/test_fira_adamw.py
+run step_fp32 60 python3 -m lowmem.bench step --device cuda --repeats 20 --refresh-repeats 3 \
+  --optimizers lowmem-randomized,galore-torch,fira,fira-package,apollo,apollo-torch,apollo-mini,adamw \
+  --json "$out/step_fp32.json"
+# Host overhead: at 64x64 the GPU work is negligible and the step time is Python + launches.
+run step_host 40 python3 -m lowmem.bench step --device cuda --size 64 --rank 8 --weights 32 \
+  --repeats 20 --refresh-repeats 1 --optimizers lowmem-randomized,galore-torch,fira,fira-package,apollo,apollo-torch \
+  --json "$out/step_host.json"
+run step8bit 60 python3 -m lowmem.bench step8bit --device cuda --repeats 10 \
+  --optimizers lowmem,torch-fused,torch-foreach,bnb --json "$out/step8bit.json"
+run micro 50 python3 -m lowmem.bench micro --json "$out/micro.json"
+run train 50 python3 -m lowmem.bench train --device cuda --seeds 1 --steps 100 --plot "" \
+  --optimizers adamw,galore,fira,apollo,apollo-mini,adamw8bit,galore8bit --json "$out/train.json"
 cat "$out/summary.md"
