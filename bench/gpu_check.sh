@@ -33,7 +33,7 @@ echo "| check | status | time |" >"$out/summary.md"
 echo "|---|---|---|" >>"$out/summary.md"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 run env 40 python3 -m lowmem.env
-run tests 170 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_ops.py \
+run tests 170 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py \
   tests/optim/test_state_dtype.py tests/optim/test_apollo_adamw.py tests/optim/test_fira_adamw.py
 run step_fp32 60 python3 -m lowmem.bench step --device cuda --repeats 20 --refresh-repeats 3 \
   --optimizers lowmem-randomized,galore-torch,fira,fira-package,apollo,apollo-torch,apollo-mini,adamw \
