@@ -21,6 +21,8 @@ fi
 
 run() {  # run NAME SECONDS CMD...: log to $out/NAME.txt, stop it after SECONDS, record its status
   local name=$1 limit=$2; shift 2
+  # GPU_CHECK_ONLY="step_fp32 train": run just those checks (a rerun on a short device budget).
+  if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name: $*"
   local t0=$SECONDS
   timeout "$limit" "$@" >"$out/$name.txt" 2>&1
@@ -45,6 +47,7 @@ run step_host 40 python3 -m lowmem.bench step --device cuda --size 64 --rank 8 -
 run step8bit 60 python3 -m lowmem.bench step8bit --device cuda --repeats 10 \
   --optimizers lowmem,torch-fused,torch-foreach,bnb --json "$out/step8bit.json"
 run micro 50 python3 -m lowmem.bench micro --json "$out/micro.json"
-run train 50 python3 -m lowmem.bench train --device cuda --seeds 1 --steps 100 --plot "" \
-  --optimizers adamw,galore,fira,apollo,apollo-mini,adamw8bit,galore8bit --json "$out/train.json"
+run train 90 python3 -m lowmem.bench train --device cuda --seeds 1 --steps 100 --plot "" \
+  --optimizers adamw,galore,galore-torch,fira,fira-package,apollo,apollo-torch,apollo-mini,adamw8bit,galore8bit,bnb-adamw8bit \
+  --json "$out/train.json"
 cat "$out/summary.md"
