@@ -232,6 +232,18 @@ def transport_moments(
     exp_avg_sq.copy_(v.clamp_min_(0))
 
 
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """One reusable generator per device: creating a CUDA generator every step costs more than
+    the r×n draw itself; reseeding it (``manual_seed``) makes each draw a pure function of the seed."""
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device=device)
+    return gen
+
+
 def gaussian_projection(
     shape: tuple[int, int], rank: int, side: Side, *, seed: int, like: Tensor
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -245,7 +257,7 @@ def gaussian_projection(
     which is all the norm ratios of APOLLO need (Zhu et al. 2024).
     """
     m, n = shape
-    gen = torch.Generator(device=like.device).manual_seed(seed)
+    gen = _generator(like.device).manual_seed(seed)
     rows, cols = (m, rank) if side == "left" else (rank, n)
     if side not in ("left", "right"):
         raise ValueError(f"a Gaussian projection is one-sided; got side {side!r}")

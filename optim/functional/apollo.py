@@ -6,15 +6,16 @@ Algorithm 1, with torch.optim.AdamW's eps placement and decay order.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lowmem._ops import dispatch
 from lowmem.optim.functional.scaling import (
     NORM_GROWTH_LIMIT,
     channel_axis,
+    channel_norms,
     limit_norm_growth,
     norm_ratio,
-    squared_norms,
 )
 from lowmem.optim.projector import Side, project
 
@@ -70,12 +71,9 @@ def lowrank_apollo_update(
     direction = dispatch("adam_direction", low.device, low.dtype)(
         low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step
     )
-    factors = norm_ratio(squared_norms(direction, axis), squared_norms(low, axis))
-    if axis is None:
-        norm_sq = factors.square() * squared_norms(grad, None)
-    else:
-        norm_sq = (factors.square() * squared_norms(grad, axis)).sum()
-    factors = factors * limit_norm_growth(norm_sq.sqrt(), update_norm, gamma) * scale**0.5
+    factors = norm_ratio(channel_norms(direction, axis), channel_norms(low, axis))
+    update_norm_now = torch.linalg.vector_norm(factors * channel_norms(grad, axis))  # ‖s ⊙ G‖
+    factors.mul_(limit_norm_growth(update_norm_now, update_norm, gamma)).mul_(scale**0.5)
     if weight_decay != 0:
         weight.mul_(1.0 - lr * weight_decay)
     weight.addcmul_(grad, factors, value=-lr)

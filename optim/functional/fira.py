@@ -7,15 +7,16 @@ order.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lowmem._ops import dispatch
 from lowmem.optim.functional.scaling import (
     NORM_GROWTH_LIMIT,
     channel_axis,
+    channel_norms,
     limit_norm_growth,
     norm_ratio,
-    squared_norms,
 )
 from lowmem.optim.projector import Side, project
 
@@ -73,14 +74,14 @@ def lowrank_fira_update(
     direction = dispatch("adam_direction", low.device, low.dtype)(
         low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step
     )
-    low_sq = squared_norms(low, axis)
-    factors = norm_ratio(squared_norms(direction, axis), low_sq)  # s: m×1 (right) or 1×n (left)
-    grad_sq = squared_norms(grad, axis)  # G's channel norms reduce over the same axis as R's
-    residual_sq = (grad_sq - low_sq).clamp_min_(0)  # rounding can make it slightly negative
-    limit = limit_norm_growth((factors.square() * residual_sq).sum().sqrt(), residual_norm, gamma)
-    factors = factors * limit  # c·s
-    work = factors.dtype
-    inner = direction.to(work).mul_(scale).sub_(low.to(work) * factors).to(weight.dtype)
+    low_norms = channel_norms(low, axis)
+    factors = norm_ratio(channel_norms(direction, axis), low_norms)  # s: m×1 (right) or 1×n (left)
+    # s_i·‖G_i − (RQ)_i‖ = s_i·sqrt(‖G_i‖² − ‖R_i‖²); rounding can make the difference slightly < 0.
+    residual = channel_norms(grad, axis).square_().addcmul_(low_norms, low_norms, value=-1)
+    residual = residual.clamp_min_(0).sqrt_().mul_(factors)
+    factors.mul_(limit_norm_growth(torch.linalg.vector_norm(residual), residual_norm, gamma))  # c·s
+    # direction is a fresh tensor: build scale·N − c·s⊙R in place (in fp32 math, stored in its dtype).
+    inner = direction.mul_(scale).addcmul_(low, factors, value=-1)
     a, b = (inner, right) if side == "right" else (left, inner)
     dispatch("lowrank_update", weight.device, weight.dtype)(
         weight, a, b, alpha=-lr, beta=1.0 - lr * weight_decay

@@ -9,6 +9,8 @@ All functions here are pure tensor code (no ``.item()``), so a CUDA step never s
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,35 +35,36 @@ def channel_axis(side: Side) -> int:
     raise ValueError(f"channel-wise scaling needs a one-sided projection, got side {side!r}")
 
 
-def squared_norms(x: Tensor, axis: int | None) -> Tensor:
-    """Σ x² over ``axis`` (kept as a size-1 dim), or over everything when ``axis`` is None; fp32+."""
+def channel_norms(x: Tensor, axis: int | None) -> Tensor:
+    """‖x‖ over ``axis`` (kept as a size-1 dim), or over everything when ``axis`` is None; fp32+."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     if axis is None:
-        return torch.linalg.vector_norm(x, dtype=dtype).square()
-    return torch.linalg.vector_norm(x, dim=axis, keepdim=True, dtype=dtype).square()
+        return torch.linalg.vector_norm(x, dtype=dtype)
+    return torch.linalg.vector_norm(x, dim=axis, keepdim=True, dtype=dtype)
 
 
-def norm_ratio(direction_sq: Tensor, lowrank_sq: Tensor) -> Tensor:
-    """‖N‖ / (‖R‖ + 1e-8) from squared norms (per channel or per tensor)."""
-    return direction_sq.sqrt() / (lowrank_sq.sqrt() + RATIO_EPS)
+def norm_ratio(direction_norm: Tensor, lowrank_norm: Tensor) -> Tensor:
+    """s = ‖N‖ / (‖R‖ + 1e-8), per channel or per tensor; a new tensor."""
+    return direction_norm / (lowrank_norm + RATIO_EPS)
 
 
 def limit_norm_growth(norm: Tensor, previous: Tensor, gamma: float = NORM_GROWTH_LIMIT) -> Tensor:
     """Fira's norm-growth limiter: the factor c to multiply this step's update by; updates ``previous``.
 
     Math (Chen et al. 2024, eq. 9): if ‖S_t‖ / ‖S_{t-1}‖ > γ then S_t ← S_t · γ‖S_{t-1}‖ / ‖S_t‖,
-    where ‖S_{t-1}‖ is the norm *after* limiting. ``previous`` is a 0-d fp32 tensor holding
-    ‖S_{t-1}‖, or a negative number before the first step (no limit then).
+    where ‖S_{t-1}‖ is the norm *after* limiting. With the papers' 1e-8 guard this is
+    c = min(1, γ(‖S_{t-1}‖ + 1e-8) / ‖S_t‖) and the limited norm is min(‖S_t‖, γ(‖S_{t-1}‖ + 1e-8)),
+    which is how it is computed: eight small tensor ops and no host sync, since on a GPU every op
+    here costs a launch. ``previous`` is a 0-d tensor holding ‖S_{t-1}‖, or a negative number
+    before the first step (no limit then). A NaN norm gives c = NaN (that parameter's update is
+    garbage anyway) and moves ``previous`` to the bound, never to NaN, so later steps recover.
 
     Args:
         norm: 0-d tensor, ‖S_t‖ before limiting.
         previous: 0-d tensor, updated in place to ‖S_t‖ after limiting.
     """
     norm = norm.to(previous.dtype)
-    ratio = norm / (previous + RATIO_EPS)
-    limiter = torch.clamp_min(ratio, gamma) / gamma
-    factor = torch.where(previous < 0, torch.ones_like(limiter), 1.0 / limiter)
-    # A non-finite norm must not poison the next steps' limit: keep the old one then.
-    limited = norm * factor
-    previous.copy_(torch.where(torch.isfinite(limited), limited, previous))
+    bound = previous.add(RATIO_EPS).mul_(gamma).masked_fill_(previous < 0, math.inf)
+    factor = (bound / norm).clamp_(max=1.0)  # ‖S_t‖ = 0 gives inf here, so c = 1
+    previous.copy_(torch.fmin(norm, bound))
     return factor
