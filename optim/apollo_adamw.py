@@ -153,12 +153,11 @@ class ApolloAdamW(AdamLowRankOptimizer):
     ) -> None:
         left, right = self._basis(state, group, grad, side)
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = self._moments(state)
         lowrank_apollo_update(
             weight,
             grad,
-            exp_avg,
-            exp_avg_sq,
+            state["exp_avg"],
+            state["exp_avg_sq"],
             left,
             right,
             state["update_norm"],
@@ -172,5 +171,5 @@ class ApolloAdamW(AdamLowRankOptimizer):
             scale=float(group["scale"]),
             step=float(moment_step),
             maximize=group["maximize"],
+            absmax=self._absmax(state),
         )
-        self._store_moments(state, exp_avg, exp_avg_sq)

@@ -71,12 +71,11 @@ class FiraAdamW(AdamLowRankOptimizer):
         moment_step: int,
     ) -> None:
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = self._moments(state)
         lowrank_fira_update(
             weight,
             grad,
-            exp_avg,
-            exp_avg_sq,
+            state["exp_avg"],
+            state["exp_avg_sq"],
             state.get("proj_left"),
             state.get("proj_right"),
             state["residual_norm"],
@@ -89,5 +88,5 @@ class FiraAdamW(AdamLowRankOptimizer):
             scale=float(group["scale"]),
             step=float(moment_step),
             maximize=group["maximize"],
+            absmax=self._absmax(state),
         )
-        self._store_moments(state, exp_avg, exp_avg_sq)

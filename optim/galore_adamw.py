@@ -92,12 +92,11 @@ class GaLoreAdamW(AdamLowRankOptimizer):
         moment_step: int,
     ) -> None:
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = self._moments(state)
         lowrank_adamw_update(
             weight,
             grad,
-            exp_avg,
-            exp_avg_sq,
+            state["exp_avg"],
+            state["exp_avg_sq"],
             state.get("proj_left"),
             state.get("proj_right"),
             lr=float(group["lr"]),
@@ -108,8 +107,8 @@ class GaLoreAdamW(AdamLowRankOptimizer):
             scale=float(group["scale"]),
             step=float(moment_step),
             maximize=group["maximize"],
+            absmax=self._absmax(state),
         )
-        self._store_moments(state, exp_avg, exp_avg_sq)
 
     def _lowrank_step_projected(
         self,
@@ -122,12 +121,11 @@ class GaLoreAdamW(AdamLowRankOptimizer):
     ) -> None:
         # Layer-wise accumulation: ``low`` is Σ project(G_i), the same R as project(Σ G_i) up to rounding.
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = self._moments(state)
         lowrank_adamw_update(
             weight,
             low,
-            exp_avg,
-            exp_avg_sq,
+            state["exp_avg"],
+            state["exp_avg_sq"],
             state.get("proj_left"),
             state.get("proj_right"),
             lr=float(group["lr"]),
@@ -139,5 +137,5 @@ class GaLoreAdamW(AdamLowRankOptimizer):
             step=float(moment_step),
             maximize=group["maximize"],
             projected=True,
+            absmax=self._absmax(state),
         )
-        self._store_moments(state, exp_avg, exp_avg_sq)

@@ -126,6 +126,12 @@ class AdamLowRankOptimizer(LowRankOptimizer):
     def _is_quantized(state: dict[str, Any]) -> bool:
         return "exp_avg_absmax" in state
 
+    def _absmax(self, state: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """The moments' block scales when they are 8-bit codes, for the functional cores."""
+        if not self._is_quantized(state):
+            return None
+        return state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
+
     def _moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """(M, V) to update in place: the state tensors, or fp32 dequantized copies for int8 states
         (write those back with :meth:`_store_moments`)."""

@@ -7,6 +7,7 @@ and the PyTorch reference (or a compiled op) on CPU.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lowmem._ops import dispatch
@@ -46,6 +47,49 @@ def adamw_update(
     )
 
 
+def adam_direction_update(
+    low: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: float,
+    out: Tensor | None = None,
+    absmax: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Update Adam's moments with ``low`` in place and return N = m̂ / (sqrt(v̂) + eps).
+
+    ``absmax=None``: ``exp_avg`` / ``exp_avg_sq`` are plain tensors (the ``adam_direction`` op).
+    ``absmax=(m_absmax, v_absmax)``: they are 8-bit block-wise codes (Dettmers et al. 2022), and
+    the fused ``adamw8bit`` op does dequantize, update and requantize in one pass: run on a zero
+    "parameter" with lr = 1 and no decay it leaves -N there (0 - 1·N), as torch's fused Adam does
+    for ``adam_direction`` on CPU.
+    """
+    if absmax is None:
+        return dispatch("adam_direction", low.device, low.dtype)(
+            low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step, out=out
+        )
+    buf = torch.zeros_like(low, memory_format=torch.contiguous_format)
+    dispatch("adamw8bit", low.device, low.dtype)(
+        buf,
+        low.contiguous(),
+        exp_avg,
+        absmax[0],
+        exp_avg_sq,
+        absmax[1],
+        lr=1.0,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=0.0,
+        step=step,
+        maximize=False,
+    )
+    return buf.neg_() if out is None else torch.neg(buf, out=out)
+
+
 def lowrank_adamw_update(
     weight: Tensor,
     grad: Tensor,
@@ -62,6 +106,7 @@ def lowrank_adamw_update(
     scale: float,
     step: float,
     maximize: bool,
+    absmax: tuple[Tensor, Tensor] | None = None,
     projected: bool = False,
 ) -> None:
     """One GaLore-AdamW step for one m×n weight, in place.
@@ -84,12 +129,13 @@ def lowrank_adamw_update(
         step: the bias-correction step of the moments (restarts at 1 after a moment reset).
         projected: ``grad`` is already R = project(G) (low-rank shaped: layer-wise accumulation
             sums micro-batch gradients there); it is then overwritten, as scratch for N.
+        absmax: the moments' fp32 block scales when they are 8-bit codes (``state_dtype="int8"``).
     """
     low = grad if projected else project(grad, left, right)
     if maximize:
         low.neg_()
-    direction = dispatch("adam_direction", low.device, low.dtype)(
-        low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step, out=low
+    direction = adam_direction_update(
+        low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step, out=low, absmax=absmax
     )
     if left is None:
         a, b = direction, right

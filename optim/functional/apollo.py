@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem._ops import dispatch
+from lowmem.optim.functional.adamw import adam_direction_update
 from lowmem.optim.functional.scaling import (
     NORM_GROWTH_LIMIT,
     channel_axis,
@@ -39,6 +39,7 @@ def lowrank_apollo_update(
     scale: float,
     step: float,
     maximize: bool,
+    absmax: tuple[Tensor, Tensor] | None = None,
     gamma: float = NORM_GROWTH_LIMIT,
 ) -> None:
     """One APOLLO step for one m×n weight, in place.
@@ -62,14 +63,15 @@ def lowrank_apollo_update(
         update_norm: 0-d tensor, ‖c·U‖ of the previous step (negative: none), updated in place.
         scale_type: ``"channel"`` or ``"tensor"``.
         scale: the update is multiplied by √scale (apollo-torch's convention; APOLLO-Mini uses 128).
+        absmax: the moments' fp32 block scales when they are 8-bit codes (``state_dtype="int8"``).
     """
     axis = channel_axis(side) if scale_type == "channel" else None
     low = project(grad, left, right)
     if maximize:
         low.neg_()
         grad = -grad
-    direction = dispatch("adam_direction", low.device, low.dtype)(
-        low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step
+    direction = adam_direction_update(
+        low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step, absmax=absmax
     )
     factors = norm_ratio(channel_norms(direction, axis), channel_norms(low, axis))
     update_norm_now = torch.linalg.vector_norm(factors * channel_norms(grad, axis))  # ‖s ⊙ G‖

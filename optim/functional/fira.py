@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lowmem._ops import dispatch
+from lowmem.optim.functional.adamw import adam_direction_update
 from lowmem.optim.functional.scaling import (
     NORM_GROWTH_LIMIT,
     channel_axis,
@@ -39,6 +40,7 @@ def lowrank_fira_update(
     scale: float,
     step: float,
     maximize: bool,
+    absmax: tuple[Tensor, Tensor] | None = None,
     gamma: float = NORM_GROWTH_LIMIT,
 ) -> None:
     """One Fira step for one m×n weight, in place.
@@ -65,14 +67,15 @@ def lowrank_fira_update(
         left, right: the orthonormal basis P (m×r) or Q (r×n); only one is set.
         residual_norm: 0-d fp32 tensor, ‖S‖ after limiting at the previous step (negative: none).
         step: the moments' bias-correction step.
+        absmax: the moments' fp32 block scales when they are 8-bit codes (``state_dtype="int8"``).
     """
     axis = channel_axis(side)
     low = project(grad, left, right)
     if maximize:
         low.neg_()
         grad = -grad
-    direction = dispatch("adam_direction", low.device, low.dtype)(
-        low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step
+    direction = adam_direction_update(
+        low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step, absmax=absmax
     )
     low_norms = channel_norms(low, axis)
     factors = norm_ratio(channel_norms(direction, axis), low_norms)  # s: m×1 (right) or 1×n (left)
