@@ -25,6 +25,7 @@ the same per-parameter update runs inside backward, from a post-accumulate-grad 
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from collections.abc import Callable
@@ -75,7 +76,7 @@ def matrix_shape(param: Tensor) -> tuple[int, int]:
     return rows, (param.numel() // rows if rows else math.prod(param.shape[1:]))
 
 
-class LowRankOptimizer(torch.optim.Optimizer):
+class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base class: param groups with ``rank`` are projected, the others get the full-rank update.
 
     Subclasses set :attr:`lowrank_defaults` (group keys and their defaults), may narrow
@@ -108,20 +109,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
     _layerwise: LayerwiseStepper | None = None
 
     # ----------------------------------------------------------------- subclass hooks
+    @abc.abstractmethod
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Raise ValueError (torch-style message) for bad non-low-rank hyperparameters of ``group``."""
 
     def _check_lowrank_keys(self, group: dict[str, Any]) -> None:
         """Validate keys a subclass adds on top of :data:`LOWRANK_DEFAULTS`."""
 
+    @abc.abstractmethod
     def _init_state(
         self, state: dict[str, Any], param: Tensor, group: dict[str, Any], side: Side | None, shape: tuple
     ) -> None:
-        raise NotImplementedError
+        """Allocate the algorithm's state; ``shape``: low-rank if ``side`` is set, else the param's."""
 
+    @abc.abstractmethod
     def _full_rank_step(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Update a parameter that is not projected (plain group, or rank >= min(m, n)); counts ``step``."""
 
+    @abc.abstractmethod
     def _lowrank_step(
         self,
         weight: Tensor,
@@ -131,18 +136,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         side: Side,
         moment_step: int,
     ) -> None:
-        raise NotImplementedError
+        """Update the m×n ``weight`` from the m×n ``grad`` in the current basis (``step`` already counted)."""
 
+    @abc.abstractmethod
     def _carry_moments(
         self,
         state: dict[str, Any],
         old: tuple[Tensor | None, Tensor | None],
         new: tuple[Tensor | None, Tensor | None],
     ) -> None:
-        raise NotImplementedError
+        """Move the moments from basis ``old`` into basis ``new`` (``on_refresh="project"``)."""
 
+    @abc.abstractmethod
     def _reset_moments(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Zero the moments (``on_refresh="reset"``); bias correction restarts through ``moment_step``."""
 
     def _moment_shape_key(self) -> str:
         """A state key whose shape is the low-rank shape (used to detect changed rank settings)."""
@@ -163,7 +170,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         (GaLore); then layer-wise accumulation keeps micro-batch gradients low-rank. Optimizers
         that need the full G (Fira's residual, APOLLO's scaled raw gradient) leave it alone.
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} updates from the full gradient only; layer-wise accumulation "
+            "checks _accumulates_projected_grad() before calling this"
+        )
 
     def _accumulates_projected_grad(self) -> bool:
         """Whether :meth:`_lowrank_step_projected` is implemented (layer-wise accumulation uses it)."""
