@@ -152,7 +152,6 @@ class ApolloAdamW(AdamLowRankOptimizer):
         moment_step: int,
     ) -> None:
         left, right = self._basis(state, group, grad, side)
-        beta1, beta2 = group["betas"]
         lowrank_apollo_update(
             weight,
             grad,
@@ -163,13 +162,7 @@ class ApolloAdamW(AdamLowRankOptimizer):
             state["update_norm"],
             side=side,
             scale_type=group["scale_type"],
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
             scale=float(group["scale"]),
-            step=float(moment_step),
-            maximize=group["maximize"],
+            **self._adam_hyper(group, moment_step),
             absmax=self._absmax(state),
         )

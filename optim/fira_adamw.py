@@ -70,7 +70,6 @@ class FiraAdamW(AdamLowRankOptimizer):
         side: Side,
         moment_step: int,
     ) -> None:
-        beta1, beta2 = group["betas"]
         lowrank_fira_update(
             weight,
             grad,
@@ -80,13 +79,7 @@ class FiraAdamW(AdamLowRankOptimizer):
             state.get("proj_right"),
             state["residual_norm"],
             side=side,
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
             scale=float(group["scale"]),
-            step=float(moment_step),
-            maximize=group["maximize"],
+            **self._adam_hyper(group, moment_step),
             absmax=self._absmax(state),
         )

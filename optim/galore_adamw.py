@@ -91,7 +91,6 @@ class GaLoreAdamW(AdamLowRankOptimizer):
         side: Side,
         moment_step: int,
     ) -> None:
-        beta1, beta2 = group["betas"]
         lowrank_adamw_update(
             weight,
             grad,
@@ -99,14 +98,8 @@ class GaLoreAdamW(AdamLowRankOptimizer):
             state["exp_avg_sq"],
             state.get("proj_left"),
             state.get("proj_right"),
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
             scale=float(group["scale"]),
-            step=float(moment_step),
-            maximize=group["maximize"],
+            **self._adam_hyper(group, moment_step),
             absmax=self._absmax(state),
         )
 
@@ -120,7 +113,6 @@ class GaLoreAdamW(AdamLowRankOptimizer):
         moment_step: int,
     ) -> None:
         # Layer-wise accumulation: ``low`` is Σ project(G_i), the same R as project(Σ G_i) up to rounding.
-        beta1, beta2 = group["betas"]
         lowrank_adamw_update(
             weight,
             low,
@@ -128,14 +120,8 @@ class GaLoreAdamW(AdamLowRankOptimizer):
             state["exp_avg_sq"],
             state.get("proj_left"),
             state.get("proj_right"),
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
             scale=float(group["scale"]),
-            step=float(moment_step),
-            maximize=group["maximize"],
-            projected=True,
+            **self._adam_hyper(group, moment_step),
             absmax=self._absmax(state),
+            projected=True,
         )

@@ -154,18 +154,23 @@ class AdamLowRankOptimizer(LowRankOptimizer):
     def _keeps_state_dtype(self, key: str, value: Tensor, group: dict[str, Any]) -> bool:
         return super()._keeps_state_dtype(key, value, group) or group.get("state_dtype") is not None
 
-    def _full_rank_step(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        state["step"] += 1
+    @staticmethod
+    def _adam_hyper(group: dict[str, Any], step: float) -> dict[str, Any]:
+        """The Adam keywords every functional core takes, from ``group`` at bias-correction ``step``."""
         beta1, beta2 = group["betas"]
-        hyper = {
+        return {
             "lr": float(group["lr"]),
             "beta1": beta1,
             "beta2": beta2,
             "eps": group["eps"],
             "weight_decay": group["weight_decay"],
-            "step": state["step"].item(),
+            "step": float(step),
             "maximize": group["maximize"],
         }
+
+    def _full_rank_step(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] += 1
+        hyper = self._adam_hyper(group, state["step"].item())
         if self._is_quantized(state):
             dispatch("adamw8bit", param.device, param.dtype)(
                 param,
