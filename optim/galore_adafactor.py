@@ -237,6 +237,16 @@ class GaLoreAdafactor(LowRankOptimizer):
             state["exp_avg"] = torch.zeros(shape, dtype=row.dtype, device=row.device)
         return state["exp_avg"]
 
+    @staticmethod
+    def _adafactor_hyper(group: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        """The keywords both functional cores take, from ``group`` and the training step."""
+        keys = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay")
+        flags = ("scale_parameter", "relative_step", "warmup_init", "maximize")
+        return {
+            **{key: group[key] for key in keys + flags},
+            "step": int(state["step"].item()),
+        }
+
     def _full_rank_step(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] += 1
         adafactor_update(
@@ -246,17 +256,7 @@ class GaLoreAdafactor(LowRankOptimizer):
             state.get("exp_avg_sq_col"),
             state.get("exp_avg_sq"),
             self._first_moment(state, group, tuple(param.shape)),
-            lr=group["lr"],
-            step=int(state["step"].item()),
-            eps=group["eps"],
-            clip_threshold=group["clip_threshold"],
-            decay_rate=group["decay_rate"],
-            beta1=group["beta1"],
-            weight_decay=group["weight_decay"],
-            scale_parameter=group["scale_parameter"],
-            relative_step=group["relative_step"],
-            warmup_init=group["warmup_init"],
-            maximize=group["maximize"],
+            **self._adafactor_hyper(group, state),
         )
 
     def _lowrank_step(
@@ -277,19 +277,9 @@ class GaLoreAdafactor(LowRankOptimizer):
             self._first_moment(state, group, shape),
             state.get("proj_left"),
             state.get("proj_right"),
-            lr=group["lr"],
-            step=int(state["step"].item()),
             moment_step=moment_step,
-            eps=group["eps"],
-            clip_threshold=group["clip_threshold"],
-            decay_rate=group["decay_rate"],
-            beta1=group["beta1"],
-            weight_decay=group["weight_decay"],
-            scale_parameter=group["scale_parameter"],
-            relative_step=group["relative_step"],
-            warmup_init=group["warmup_init"],
             scale=float(group["scale"]),
-            maximize=group["maximize"],
+            **self._adafactor_hyper(group, state),
         )
 
     def _carry_moments(
