@@ -6,6 +6,7 @@
 - :class:`GaLoreAdafactor`: Adafactor with factored second moments in the GaLore subspace.
 - :class:`AdamW8bit`, :class:`GaLoreAdamW8bit`: presets with 8-bit block-wise states.
 - :func:`lowrank_param_groups`: split a model into a low-rank group and a plain group.
+- :func:`register_layerwise_ddp_hook`: layer-wise stepping in a DistributedDataParallel model.
 """
 
 from lowmem.optim.adamw8bit import AdamW8bit, GaLoreAdamW8bit
@@ -13,6 +14,7 @@ from lowmem.optim.apollo_adamw import APOLLO_MINI, ApolloAdamW
 from lowmem.optim.fira_adamw import FiraAdamW
 from lowmem.optim.galore_adafactor import GaLoreAdafactor
 from lowmem.optim.galore_adamw import GaLoreAdamW
+from lowmem.optim.layerwise_ddp import register_layerwise_ddp_hook
 from lowmem.optim.param_groups import lowrank_param_groups
 
 __all__ = [
@@ -24,4 +26,5 @@ __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "lowrank_param_groups",
+    "register_layerwise_ddp_hook",
 ]

@@ -74,9 +74,11 @@ Clipping
     summed gradient is needed, so ``accumulation_steps > 1`` then accumulates full gradients.
 
 Data parallel
-    Do not wrap the model in ``DistributedDataParallel``: its reducer averages gradients after
-    the hooks have run (they would update from the local gradient) and keeps full-size bucket
-    buffers, which defeats the memory saving. Instead pass ``process_group`` (for example
+    Two ways. With a ``DistributedDataParallel``-wrapped model, call
+    :func:`lowmem.optim.register_layerwise_ddp_hook` (``optim/layerwise_ddp.py``): the updates
+    then run in a DDP comm hook after each bucket's all-reduce (plain layer-wise hooks would
+    run before DDP averages); DDP keeps full-size bucket buffers, so this gives overlap but not
+    the memory saving. For the memory saving, do not wrap the model and pass ``process_group`` (for example
     ``torch.distributed.group.WORLD``): the hook all-reduces the gradient (sum, then divides by
     the group's size: DDP's average) right before the update, so every rank applies the same
     update. With accumulation it reduces once per window, like ``DDP.no_sync``, and a low-rank
@@ -204,6 +206,7 @@ class LayerwiseStepper:
         self.options = options
         self._optimizer = weakref.ref(optimizer)
         self._handles: dict[int, RemovableHandle] = {}
+        self._ddp_params: set[int] = set()  # updated by a DDP comm hook instead (layerwise_ddp.py)
         self._locations: dict[int, tuple[int, int]] = {}
         self.lowrank_grads: dict[Tensor, Tensor] = {}
         # Params with a gradient accumulated in the open window but not applied yet (ordered,
@@ -222,7 +225,12 @@ class LayerwiseStepper:
     def register(self, params: list[Tensor]) -> None:
         """Hook every parameter that requires grad (frozen ones get no gradient to consume)."""
         for param in params:
-            if isinstance(param, Tensor) and param.requires_grad and id(param) not in self._handles:
+            if (
+                isinstance(param, Tensor)
+                and param.requires_grad
+                and id(param) not in self._handles
+                and id(param) not in self._ddp_params
+            ):
                 self._handles[id(param)] = param.register_post_accumulate_grad_hook(self._on_grad_ready)
         self._locations.clear()
 
@@ -390,6 +398,13 @@ class LayerwiseStepper:
             optimizer._step_param(param, group, side, projected_grad=low)
             return
         self._average(param.grad)
+        self._step_full_grad(optimizer, param, group, side, name)
+        param.grad = None
+
+    @staticmethod
+    def _step_full_grad(
+        optimizer: LowRankOptimizer, param: Tensor, group: dict[str, Any], side: Side | None, name: str
+    ) -> None:
         if "rank" in group and side is None and not optimizer.state.get(param):
             warnings.warn(
                 f"{type(optimizer).__name__}: rank >= min(m, n) for {name} {tuple(param.shape)}; it gets the "
@@ -397,7 +412,34 @@ class LayerwiseStepper:
                 stacklevel=2,
             )
         optimizer._step_param(param, group, side)
-        param.grad = None
+
+    # ----------------------------------------------------------------- DDP (layerwise_ddp.py)
+    def hand_over_to_ddp(self, params: list[Tensor]) -> None:
+        """Stop hooking ``params``: a DDP comm hook updates them after DDP's all-reduce."""
+        for param in params:
+            self._ddp_params.add(id(param))
+            handle = self._handles.pop(id(param), None)
+            if handle is not None:
+                handle.remove()
+
+    def update_with_grad(self, optimizer: LowRankOptimizer, param: Tensor, grad: Tensor) -> None:
+        """Update ``param`` from ``grad`` (DDP's averaged bucket view) instead of ``param.grad``.
+
+        ``param.grad`` is pointed at ``grad`` for the update (the per-parameter step reads it,
+        and clipping scales it in place, so DDP then writes back the gradient that was used)
+        and restored afterwards; DDP overwrites it with the bucket when backward finishes.
+        """
+        located = self._locate(optimizer, param)
+        if located is None:
+            return  # managed by DDP but not by this optimizer
+        group, name = located
+        original = param.grad
+        param.grad = grad
+        try:
+            side = optimizer._validate_param(param, group, name)
+            self._step_full_grad(optimizer, param, group, side, name)
+        finally:
+            param.grad = original
 
     def _average(self, tensor: Tensor) -> None:
         """All-reduce ``tensor`` in place to its mean over the process group (DDP's average)."""
@@ -423,14 +465,14 @@ class LayerwiseStepper:
             optimizer._name(group, index, group_index)
             for group_index, group in enumerate(optimizer.param_groups)
             for index, param in enumerate(group["params"])
-            if param.grad is not None and param.requires_grad
+            if param.grad is not None and param.requires_grad and id(param) not in self._ddp_params
         ]
         if stray:
             warnings.warn(
                 f"{type(optimizer).__name__} (layerwise=True): step() updates nothing, but "
                 f"{', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''} still hold a gradient that no "
-                "backward hook consumed (set by hand, or written back by DistributedDataParallel, which "
-                "layer-wise stepping replaces: pass process_group instead); it is not applied",
+                "backward hook consumed (set by hand, or written back by a DistributedDataParallel model: "
+                "call lowmem.optim.register_layerwise_ddp_hook(ddp_model, optimizer)); it is not applied",
                 stacklevel=3,
             )
 

@@ -1,25 +1,33 @@
 """One rank of test_layerwise.py's data-parallel test, and the training run both sides share.
 
 ``python layerwise_ddp_worker.py RANK WORLD_SIZE INIT_FILE OUT_DIR`` joins a gloo group through
-a file store (no port to pick, nothing to collide with), trains the same tiny model with
-layer-wise GaLoreAdamW and ``process_group=WORLD`` on its shard of every global batch, and saves
-the final parameters to ``OUT_DIR/rank{RANK}.pt``. The test imports :func:`train` to run the
-single-process reference on the whole global batch.
+a file store (no port to pick, nothing to collide with), trains the same tiny model on its shard
+of every global batch in two ways, and saves the final parameters to ``OUT_DIR/rank{RANK}.pt``:
+
+- layer-wise with ``process_group=WORLD`` (the optimizer all-reduces; no DDP);
+- the model wrapped in ``DistributedDataParallel`` (one bucket per parameter, so several
+  buckets' updates run in comm-hook callbacks), layer-wise through
+  :func:`lowmem.optim.register_layerwise_ddp_hook`, accumulating with ``no_sync``.
+
+The test imports :func:`train` to run the single-process reference on the whole global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from datetime import timedelta
 from typing import Any
 
 import torch
 
-from lowmem.optim import GaLoreAdamW
+from lowmem.optim import ApolloAdamW, GaLoreAdamW, register_layerwise_ddp_hook
 
 GLOBAL_BATCH = 8
 STEPS = 4  # gap 2: refreshes at updates 1 and 3, low-rank accumulation at updates 2 and 4
 CONFIGS = {"k1": 1, "k2": 2}
+# name -> (micro-batches per update, optimizer class), run under DDP.
+DDP_CONFIGS = {"ddp_k1": (1, GaLoreAdamW), "ddp_k2": (2, GaLoreAdamW), "ddp_apollo": (1, ApolloAdamW)}
 
 
 def init_params() -> dict[str, torch.nn.Parameter]:
@@ -38,8 +46,34 @@ def global_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+class TinyNet(torch.nn.Module):
+    """The two-layer net of :func:`train` as a module, for DDP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, param in init_params().items():
+            self.register_parameter(name, param)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w1.T + self.b1) @ self.w2.T + self.b2
+
+
+def make_optimizer(p: dict[str, torch.nn.Parameter], optimizer_cls: type = GaLoreAdamW, **kwargs: Any) -> Any:
+    return optimizer_cls(
+        [{"params": [p["w1"], p["w2"]], "rank": 2, "update_proj_gap": 2}, {"params": [p["b1"], p["b2"]]}],
+        lr=1e-2,
+        weight_decay=0.1,
+        **kwargs,
+    )
+
+
 def train(
-    micro_batches: int, *, rank: int = 0, world_size: int = 1, **optimizer_kwargs: Any
+    micro_batches: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    optimizer_cls: type = GaLoreAdamW,
+    **optimizer_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """STEPS updates of ``micro_batches`` backward passes each, on this rank's shard of every
     global batch, calling step() after the last one; returns the final parameters.
@@ -48,12 +82,7 @@ def train(
     gradient of the global batch's mean loss: what one process on the whole batch computes.
     """
     p = init_params()
-    opt = GaLoreAdamW(
-        [{"params": [p["w1"], p["w2"]], "rank": 2, "update_proj_gap": 2}, {"params": [p["b1"], p["b2"]]}],
-        lr=1e-2,
-        weight_decay=0.1,
-        **optimizer_kwargs,
-    )
+    opt = make_optimizer(p, optimizer_cls, **optimizer_kwargs)
     shard = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     for step in range(STEPS):
         for micro in range(micro_batches):
@@ -64,6 +93,28 @@ def train(
         opt.step()
         opt.zero_grad()
     return {name: param.detach().clone() for name, param in p.items()}
+
+
+def train_ddp(
+    micro_batches: int, optimizer_cls: type, *, rank: int, world_size: int
+) -> dict[str, torch.Tensor]:
+    """:func:`train` with the net wrapped in DDP and a layer-wise optimizer updating in its comm hook."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = TinyNet()
+    ddp = DistributedDataParallel(net, bucket_cap_mb=1e-4)  # ~100-byte buckets: one per parameter
+    opt = make_optimizer(dict(net.named_parameters()), optimizer_cls, layerwise=True)
+    register_layerwise_ddp_hook(ddp, opt)
+    shard = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    for step in range(STEPS):
+        for micro in range(micro_batches):
+            x, y = global_batch(step, micro)
+            sync = micro == micro_batches - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                ((ddp(x[shard]) - y[shard]) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {name: param.detach().clone() for name, param in net.named_parameters()}
 
 
 def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -89,6 +140,8 @@ def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             )
             for name, k in CONFIGS.items()
         }
+        for name, (k, optimizer_cls) in DDP_CONFIGS.items():
+            results[name] = train_ddp(k, optimizer_cls, rank=rank, world_size=world_size)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -638,8 +638,10 @@ def test_bf16_layerwise_accumulation_trains_like_step() -> None:
 def test_data_parallel_two_processes_match_one_process(tmp_path: Path) -> None:
     """2 gloo ranks on CPU, each on half of every global batch, layer-wise with process_group:
     both end with identical parameters, equal to one process on the whole batch (step(), no
-    layerwise), with and without accumulation (whose low-rank windows reduce R, not G)."""
-    from layerwise_ddp_worker import CONFIGS
+    layerwise), with and without accumulation (whose low-rank windows reduce R, not G). The same
+    under a DistributedDataParallel-wrapped model with register_layerwise_ddp_hook (GaLore with
+    and without no_sync accumulation, APOLLO)."""
+    from layerwise_ddp_worker import CONFIGS, DDP_CONFIGS
     from layerwise_ddp_worker import train as train_shard
 
     worker = Path(__file__).with_name("layerwise_ddp_worker.py")
@@ -656,6 +658,7 @@ def test_data_parallel_two_processes_match_one_process(tmp_path: Path) -> None:
         for rank in range(2)
     ]
     expected = {name: train_shard(k) for name, k in CONFIGS.items()}  # meanwhile, the reference
+    expected |= {name: train_shard(k, optimizer_cls=cls) for name, (k, cls) in DDP_CONFIGS.items()}
     deadline = time.monotonic() + 120
     outputs = []
     try:
@@ -670,7 +673,7 @@ def test_data_parallel_two_processes_match_one_process(tmp_path: Path) -> None:
     for rank, proc in enumerate(procs):
         assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank] if rank < len(outputs) else ''}"
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
-    for name in CONFIGS:
+    for name in [*CONFIGS, *DDP_CONFIGS]:
         for key, value in expected[name].items():
             assert torch.equal(results[0][name][key], results[1][name][key]), (name, key)
             torch.testing.assert_close(results[0][name][key], value, rtol=0, atol=1e-12, msg=f"{name} {key}")
@@ -757,3 +760,49 @@ def test_gradient_memory_with_lowrank_accumulation() -> None:
     ordinary = grad_memory_peaks(layerwise=False, k=2)
     assert all(live == ordinary["all"] for live in ordinary["live"].values()), ordinary
     assert ordinary["all"] > 2 * peaks["live"][2], (ordinary, peaks)
+
+
+def test_register_layerwise_ddp_hook_rejects_what_it_cannot_serve(tmp_path: Path) -> None:
+    """Clear errors, naming the argument, for every configuration the DDP comm hook refuses; a
+    one-rank gloo group in this process, destroyed afterwards."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lowmem.optim import register_layerwise_ddp_hook
+
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(TypeError, match=r"ddp_model must be a torch\.nn\.parallel\.DistributedDataParallel"):
+        register_layerwise_ddp_hook(model, GaLoreAdamW(model.parameters(), layerwise=True))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        with pytest.raises(TypeError, match="optimizer must be a lowmem optimizer"):
+            register_layerwise_ddp_hook(ddp, torch.optim.AdamW(model.parameters()))
+        with pytest.raises(ValueError, match="without layerwise=True"):
+            register_layerwise_ddp_hook(ddp, GaLoreAdamW(model.parameters()))
+        with pytest.raises(ValueError, match="Invalid accumulation_steps: 2; under DDP"):
+            register_layerwise_ddp_hook(
+                ddp, GaLoreAdamW(model.parameters(), layerwise=True, accumulation_steps=2)
+            )
+        with pytest.raises(ValueError, match="Invalid process_group: DDP already averages"):
+            register_layerwise_ddp_hook(
+                ddp, GaLoreAdamW(model.parameters(), layerwise=True, process_group=dist.group.WORLD)
+            )
+        unused = DistributedDataParallel(torch.nn.Linear(4, 3), find_unused_parameters=True)
+        with pytest.raises(ValueError, match="find_unused_parameters=True"):
+            register_layerwise_ddp_hook(unused, GaLoreAdamW(unused.parameters(), layerwise=True))
+        # Accepted: the hook updates in backward, step() then changes nothing and does not warn
+        # about the averaged gradients DDP writes back to .grad.
+        opt = GaLoreAdamW(model.parameters(), lr=0.1, layerwise=True)
+        register_layerwise_ddp_hook(ddp, opt)
+        before = model.weight.detach().clone()
+        ddp(torch.randn(5, 4)).square().sum().backward()
+        assert not torch.equal(model.weight, before)
+        assert model.weight.grad is not None
+        after_backward = model.weight.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+        assert torch.equal(model.weight, after_backward)
+    finally:
+        dist.destroy_process_group()
