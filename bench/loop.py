@@ -7,11 +7,12 @@ so two optimizers with the same seed see identical starting points and data.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from lowmem.bench.measure import (
 )
 from lowmem.bench.model import ModelPreset, build_model, evaluate, language_model_loss
 from lowmem.bench.optimizers import OptimizerSettings, build_optimizer, split_lowrank_params
+from lowmem.bench.techniques import Technique
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,16 @@ def _train_step(
     batch: torch.Tensor,
     grad_clip: float,
     optimizer_timer: StepTimer | None = None,
+    techniques: tuple[Technique, ...] = (),
 ) -> float:
-    loss = language_model_loss(model, batch)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    with contextlib.ExitStack() as stack:
+        for technique in techniques:
+            if technique.step_context is not None:
+                stack.enter_context(technique.step_context())
+        loss = language_model_loss(model, batch)
+        loss.backward()
+    if not any(t.layerwise for t in techniques):  # layer-wise: clipped per parameter, in backward
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if optimizer_timer is None:
         optimizer.step()
     else:
@@ -87,8 +95,14 @@ def train_one(
     config: RunConfig,
     seed: int,
     log: Callable[[str], None] = print,
+    techniques: tuple[Technique, ...] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train a fresh model with one optimizer and return its measurements as a JSON-able dict.
+
+    ``techniques`` (:mod:`lowmem.bench.techniques`) convert the fresh model's layers, wrap every
+    step, or make the optimizer layer-wise. ``progress(step)`` is called after every step (the
+    harness's progress bar); without it the run logs its loss four times.
 
     Keys: ``seed``, ``train_loss`` (mean of the last ``final_loss_window`` step losses),
     ``val_loss``, ``val_ppl``, ``step_time_s`` / ``optimizer_step_time_s`` (medians after
@@ -97,12 +111,20 @@ def train_one(
     target-module weights only), ``peak_memory_bytes``, ``peak_memory_method``,
     ``train_curve`` (loss per step), ``val_curve`` (``[step, loss]`` pairs).
     """
+    label = "+".join([optimizer_name, *(t.name for t in techniques)])
     device = config.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(config.preset, config.seq_len, seed).to(device)
+    model = build_model(config.preset, config.seq_len, seed)
+    applied: dict[str, Any] = {}
+    for technique in techniques:
+        applied[technique.name] = technique.transform(model, seed) if technique.transform else {}
+        if technique.layerwise:
+            settings = replace(settings, layerwise=True, max_grad_norm_per_param=config.grad_clip)
+    model.to(device)
     model.train()
     optimizer = build_optimizer(optimizer_name, model, settings)
+    train_step = functools.partial(_train_step, techniques=techniques)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_multiplier(step, config.steps, config.warmup_fraction, config.min_lr_ratio),
@@ -121,16 +143,18 @@ def train_one(
     for step in range(config.steps):
         batch = next_batch()
         with step_timer:
-            loss = _train_step(model, optimizer, batch, config.grad_clip, optimizer_timer)
+            loss = train_step(model, optimizer, batch, config.grad_clip, optimizer_timer)
         scheduler.step()
         train_curve.append(loss)
         if not math.isfinite(loss):
-            log(f"    [{optimizer_name} seed {seed}] step {step + 1}: loss is {loss}; stopping this run")
+            log(f"    [{label} seed {seed}] step {step + 1}: loss is {loss}; stopping this run")
             break
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             val_curve.append([step + 1, evaluate(model, val_on_device, config.eval_batch_size)])
-        if (step + 1) % report_every == 0:
-            log(f"    [{optimizer_name} seed {seed}] step {step + 1}/{config.steps}  loss {loss:.3f}")
+        if progress is not None:
+            progress(step + 1)
+        elif (step + 1) % report_every == 0:
+            log(f"    [{label} seed {seed}] step {step + 1}/{config.steps}  loss {loss:.3f}")
 
     val_loss = evaluate(model, val_on_device, config.eval_batch_size)
     val_curve.append([len(train_curve), val_loss])
@@ -146,7 +170,7 @@ def train_one(
     # at the start (parameters, buffers, optimizer state, the batch) is the step's peak.
     extra_batch = next_batch()
     if device.type == "cuda":
-        _train_step(model, optimizer, extra_batch, config.grad_clip)
+        train_step(model, optimizer, extra_batch, config.grad_clip)
         peak_bytes, peak_method = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:
         live_before = (
@@ -154,7 +178,7 @@ def train_one(
             + extra_batch.nbytes
         )
         step_peak = profiled_peak_bytes(
-            functools.partial(_train_step, model, optimizer, extra_batch, config.grad_clip), device
+            functools.partial(train_step, model, optimizer, extra_batch, config.grad_clip), device
         )
         peak_bytes, peak_method = live_before + step_peak, "torch.profiler(profile_memory=True), one step"
 
@@ -166,6 +190,8 @@ def train_one(
         "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf"),
         "step_time_s": median_after_warmup(step_timer.seconds, config.timing_warmup),
         "step_time_mean_s": sum(step_timer.seconds) / max(1, len(step_timer.seconds)),
+        "step_cpu_time_s": median_after_warmup(step_timer.cpu_seconds, config.timing_warmup),
+        "techniques": applied,
         "optimizer_step_time_s": median_after_warmup(optimizer_timer.seconds, config.timing_warmup),
         "param_bytes": param_bytes,
         "optimizer_state_bytes": state_bytes,

@@ -83,22 +83,30 @@ def profiled_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 
 class StepTimer:
-    """Wall-clock timer for one region, synchronising CUDA so GPU work is inside the interval."""
+    """Wall-clock and CPU timer for one region, synchronising CUDA so GPU work is inside the interval.
+
+    ``seconds``: wall time per entry. ``cpu_seconds``: the process's CPU time (all threads, user +
+    system) per entry, so on a CPU run with 2 threads it approaches twice the wall time when
+    both are busy, and on a GPU run it is the host's share.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self._sync = device.type == "cuda"
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
 
     def __enter__(self) -> StepTimer:
         if self._sync:
             torch.cuda.synchronize()
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._sync:
             torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self._start)
+        self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
 
 def median_after_warmup(seconds: list[float], warmup: int) -> float:

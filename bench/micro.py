@@ -20,7 +20,11 @@ run, and prints one row per (op, implementation):
 Columns: median ms per call (after warm-up; CUDA events around 10 back-to-back calls on GPU,
 ``perf_counter`` per call on CPU), the op's bytes
 and FLOPs model (the same model for both rows: the useful work, so GB/s compares directly), the
-achieved GB/s and TFLOP/s, the hardware peak where known, and the speedup over the baseline.
+achieved GB/s and TFLOP/s, the hardware peak where known, the speedup over the baseline, and the
+ratio to the best alternative (median / fastest other implementation of the same op and shape;
+below 1 means this one wins). ``--sizes sweep`` repeats everything over three sizes, from
+launch-bound to bandwidth-bound. The same ops run as pytest-benchmark suites:
+``pytest bench --benchmark-enable --benchmark-only`` (``bench/bench_kernels.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ SIZES: dict[str, dict[str, tuple[int, tuple[int, int, int]]]] = {
     "small": {"cpu": (4096, (96, 64, 8)), "cuda": (1 << 20, (1024, 1024, 64))},
     "default": {"cpu": (1 << 22, (1024, 1024, 128)), "cuda": (1 << 26, (4096, 4096, 256))},
 }
+# ``--sizes sweep``: every op over a range of sizes, smallest (launch-bound) to largest (bandwidth-bound).
+SWEEP: dict[str, list[tuple[int, tuple[int, int, int]]]] = {
+    "cpu": [(1 << 16, (256, 256, 32)), (1 << 20, (512, 512, 64)), (1 << 22, (1024, 1024, 128))],
+    "cuda": [(1 << 20, (1024, 1024, 64)), (1 << 24, (2048, 2048, 128)), (1 << 26, (4096, 4096, 256))],
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ORIENTATIONS = ("right", "left", "full")
 LR, BETA1, BETA2, EPS, WD, SCALE = 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.25
@@ -83,6 +92,7 @@ class Row:
     peak_gbs: float | None
     peak_tflops: float | None
     speedup: float  # unfused baseline median / this median (1.0 for the baseline row)
+    vs_best_other: float = float("nan")  # this median / the fastest *other* row of the same op and shape
 
 
 def hardware_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float | None, float | None]:
@@ -150,6 +160,11 @@ def _rows(
     """Rows for one op; ``timings[0]`` is the baseline the others' speedups refer to."""
     peak_gbs, peak_tflops = hardware_peaks(device, dtype)
     base_ms = timings[0][1]
+
+    def vs_best_other(index: int) -> float:
+        others = [ms for i, (_, ms) in enumerate(timings) if i != index]
+        return timings[index][1] / min(others) if others else float("nan")
+
     return [
         Row(
             op=op,
@@ -164,8 +179,9 @@ def _rows(
             peak_gbs=peak_gbs,
             peak_tflops=peak_tflops,
             speedup=base_ms / ms,
+            vs_best_other=vs_best_other(index),
         )
-        for backend, ms in timings
+        for index, (backend, ms) in enumerate(timings)
     ]
 
 
@@ -345,6 +361,7 @@ def format_table(rows: list[Row]) -> str:
         "peak GB/s",
         "peak TFLOP/s",
         "speedup",
+        "vs best other",
     ]
     body = [
         [
@@ -360,6 +377,7 @@ def format_table(rows: list[Row]) -> str:
             _fmt(r.peak_gbs, ".0f"),
             _fmt(r.peak_tflops, ".0f"),
             f"{r.speedup:.2f}x",
+            f"{r.vs_best_other:.2f}x",
         ]
         for r in rows
     ]
@@ -375,14 +393,17 @@ def format_table(rows: list[Row]) -> str:
 def run(
     device: torch.device, dtype: torch.dtype, sizes: str, *, iters: int = 30, budget_s: float = 2.0
 ) -> list[Row]:
-    """All rows for one device / dtype / size preset."""
-    numel, (m, n, r) = SIZES[sizes]["cuda" if device.type == "cuda" else "cpu"]
+    """All rows for one device / dtype / size preset (``"sweep"``: every size of :data:`SWEEP`)."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    points = SWEEP[kind] if sizes == "sweep" else [SIZES[sizes][kind]]
     timing = {"iters": iters, "budget_s": budget_s}
-    rows = bench_adamw(numel, dtype, device, **timing)
-    rows += bench_adam_direction(numel, dtype, device, **timing)
-    rows += bench_adamw8bit(numel, dtype, device, **timing)
-    for orientation in ORIENTATIONS:
-        rows += bench_lowrank_update(m, n, r, orientation, dtype, device, **timing)
+    rows: list[Row] = []
+    for numel, (m, n, r) in points:
+        rows += bench_adamw(numel, dtype, device, **timing)
+        rows += bench_adam_direction(numel, dtype, device, **timing)
+        rows += bench_adamw8bit(numel, dtype, device, **timing)
+        for orientation in ORIENTATIONS:
+            rows += bench_lowrank_update(m, n, r, orientation, dtype, device, **timing)
     return rows
 
 
@@ -397,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tensor dtype")
     parser.add_argument(
         "--sizes",
-        choices=sorted(SIZES),
+        choices=[*sorted(SIZES), "sweep"],
         default="default",
-        help="size preset; 'default' finishes in well under a minute on 2 CPU cores",
+        help="size preset; 'default' finishes in well under a minute on 2 CPU cores; 'sweep' runs 3 sizes",
     )
     parser.add_argument("--iters", type=int, default=30, help="timed calls per measurement (max)")
     parser.add_argument("--budget-s", type=float, default=2.0, help="time cap per measurement (s)")
@@ -416,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"lowmem micro-benchmarks on {device_name} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads); speedup = unfused median / median"
+        f"{torch.get_num_threads()} CPU threads); speedup = unfused median / median; "
+        "vs best other = median / fastest other implementation of the same op and shape"
     )
     print(format_table(rows))
     if args.json:

@@ -58,6 +58,15 @@ class OptimizerSettings:
     on_refresh: str | None = None
     seed: int = 0
     target_modules: tuple[str, ...] = field(default=LLAMA_TARGET_MODULES)
+    #: lowmem optimizers only (the ``layerwise`` technique): update inside backward, clip per parameter.
+    layerwise: bool = False
+    max_grad_norm_per_param: float | None = None
+
+
+def _layerwise_kwargs(s: OptimizerSettings) -> dict[str, Any]:
+    if not s.layerwise:
+        return {}
+    return {"layerwise": True, "max_grad_norm_per_param": s.max_grad_norm_per_param}
 
 
 Factory = Callable[[nn.Module, OptimizerSettings], torch.optim.Optimizer]
@@ -113,7 +122,9 @@ def _build_lowmem_galore(model: nn.Module, s: OptimizerSettings) -> torch.optim.
     if s.on_refresh is not None:
         options["on_refresh"] = s.on_refresh
     groups = lowrank_param_groups(model, target_modules=list(s.target_modules), rank=s.rank, **options)
-    return GaLoreAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    return GaLoreAdamW(
+        groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay, **_layerwise_kwargs(s)
+    )
 
 
 def _lowmem_groups(model: nn.Module, s: OptimizerSettings, **overrides: Any) -> list[dict[str, Any]]:
@@ -131,7 +142,9 @@ def _build_lowmem_fira(model: nn.Module, s: OptimizerSettings) -> torch.optim.Op
 
     extra = {k: v for k, v in (("projector", s.projector), ("on_refresh", s.on_refresh)) if v is not None}
     groups = _lowmem_groups(model, s, scale=s.scale, **extra)
-    return FiraAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    return FiraAdamW(
+        groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay, **_layerwise_kwargs(s)
+    )
 
 
 def _build_lowmem_apollo(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
@@ -139,20 +152,31 @@ def _build_lowmem_apollo(model: nn.Module, s: OptimizerSettings) -> torch.optim.
 
     # APOLLO's own scale semantics (√scale multiplies the update; 1 for channel-wise APOLLO).
     groups = _lowmem_groups(model, s, scale=1.0, scale_type="channel")
-    return ApolloAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    return ApolloAdamW(
+        groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay, **_layerwise_kwargs(s)
+    )
 
 
 def _build_lowmem_apollo_mini(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
     from lowmem.optim import APOLLO_MINI, ApolloAdamW
 
     groups = _lowmem_groups(model, s, **APOLLO_MINI)
-    return ApolloAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    return ApolloAdamW(
+        groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay, **_layerwise_kwargs(s)
+    )
 
 
 def _build_lowmem_adamw8bit(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
     from lowmem.optim import AdamW8bit
 
-    return AdamW8bit(model.parameters(), lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    return AdamW8bit(
+        model.parameters(),
+        lr=s.lr,
+        betas=s.betas,
+        eps=s.eps,
+        weight_decay=s.weight_decay,
+        **_layerwise_kwargs(s),
+    )
 
 
 def _build_lowmem_galore8bit(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
@@ -160,7 +184,9 @@ def _build_lowmem_galore8bit(model: nn.Module, s: OptimizerSettings) -> torch.op
 
     extra = {k: v for k, v in (("projector", s.projector), ("on_refresh", s.on_refresh)) if v is not None}
     groups = _lowmem_groups(model, s, scale=s.scale, **extra)
-    return GaLoreAdamW8bit(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    return GaLoreAdamW8bit(
+        groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay, **_layerwise_kwargs(s)
+    )
 
 
 def _build_bnb_adamw8bit(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
@@ -382,8 +408,18 @@ DEFAULT_OPTIMIZERS = (
 )
 
 
+#: Entries that are lowmem optimizers and so take ``layerwise=True``.
+LAYERWISE_CAPABLE = ("galore", "fira", "apollo", "apollo-mini", "adamw8bit", "galore8bit")
+
+
 def build_optimizer(name: str, model: nn.Module, settings: OptimizerSettings) -> torch.optim.Optimizer:
-    """Build registry entry ``name`` for ``model``; KeyError names the known entries."""
+    """Build registry entry ``name`` for ``model``; KeyError names the known entries, ValueError
+    a layer-wise request for an optimizer that has no layer-wise mode."""
     if name not in REGISTRY:
         raise KeyError(f"unknown optimizer {name!r}; known: {', '.join(REGISTRY)}")
+    if settings.layerwise and name not in LAYERWISE_CAPABLE:
+        raise ValueError(
+            f"{name} has no layer-wise mode; the layerwise technique needs one of "
+            f"{', '.join(LAYERWISE_CAPABLE)}"
+        )
     return REGISTRY[name].factory(model, settings)

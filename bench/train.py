@@ -10,8 +10,13 @@ Results (per run, including loss curves) go to ``bench_results/train.json``; los
 ``bench_results/train.png`` when matplotlib is installed.
 
 All optimizers share lr, weight decay, betas, eps, the warm-up + cosine schedule, gradient clipping
-and data order; ``--lr-for NAME=LR`` overrides the lr of one optimizer (GaLore papers tune it
+and data order; ``--lr-for NAME=LR`` overrides the lr of one row (GaLore papers tune it
 separately), and is recorded in the JSON.
+
+A row is an optimizer optionally followed by memory techniques (:mod:`lowmem.bench.techniques`):
+``--optimizers adamw,adamw+sltrain,galore8bit+sltrain,galore+layerwise,adamw+ckpt-offload``;
+``--list`` prints what exists. ``--results-md bench/RESULTS.md`` also writes the generated
+results page (command, machine, commit, table); ``--memory-plot`` a bar chart of memory per row.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -31,7 +38,17 @@ from lowmem.bench.corpus import fixed_windows, load_corpus
 from lowmem.bench.loop import RunConfig, train_one
 from lowmem.bench.model import PRESETS
 from lowmem.bench.optimizers import DEFAULT_OPTIMIZERS, REGISTRY, OptimizerSettings
-from lowmem.bench.report import BASELINE, format_table, plot_curves, summarize, write_json
+from lowmem.bench.progress import Progress
+from lowmem.bench.report import (
+    BASELINE,
+    format_table,
+    plot_curves,
+    plot_memory,
+    summarize,
+    write_json,
+    write_results_markdown,
+)
+from lowmem.bench.techniques import ROW_LRS, TECHNIQUES, parse_row
 
 #: Seed of the fixed validation windows: the same for every optimizer, seed and run.
 VAL_WINDOW_SEED = 1234
@@ -48,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--optimizers",
         default=",".join(DEFAULT_OPTIMIZERS),
-        help=f"comma list of registry names ({', '.join(REGISTRY)})",
+        help=f"comma list of rows: an optimizer ({', '.join(REGISTRY)}) optionally followed by "
+        f"+TECHNIQUE ({', '.join(TECHNIQUES)}), e.g. adamw+sltrain; see --list",
     )
+    p.add_argument("--list", action="store_true", help="print the optimizers and techniques, then exit")
     p.add_argument("--steps", type=int, default=200, help="training steps per run")
     p.add_argument("--model", choices=sorted(PRESETS), default="tiny", help="model size preset")
     p.add_argument(
@@ -74,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=LR",
-        help="per-optimizer peak lr override, e.g. --lr-for galore=1e-2 (repeatable)",
+        help="per-row peak lr override, e.g. --lr-for galore=1e-2 or adamw+sltrain=3e-3 (repeatable)",
     )
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="decoupled weight decay")
     p.add_argument("--rank", type=int, default=defaults.rank, help="GaLore rank")
@@ -112,7 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
         default="bench_results/train.png",
         help="loss-curve PNG (needs matplotlib); empty string to skip",
     )
+    p.add_argument(
+        "--memory-plot",
+        default="bench_results/train_memory.png",
+        help="memory-per-row PNG (needs matplotlib); empty string to skip",
+    )
+    p.add_argument(
+        "--results-md",
+        type=Path,
+        default=None,
+        help="also write this generated results page (e.g. bench/RESULTS.md)",
+    )
+    p.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="progress bar on stderr (auto: only on a terminal)",
+    )
     return p
+
+
+def _list_rows() -> str:
+    lines = ["optimizers:"]
+    lines += [
+        f"  {name:<14} {entry.description} (lr {entry.default_lr:g})" for name, entry in REGISTRY.items()
+    ]
+    lines.append("techniques (append to an optimizer with +):")
+    lines += [f"  {name:<14} {t.description}" for name, t in TECHNIQUES.items()]
+    lines.append(f"default rows: {','.join(DEFAULT_OPTIMIZERS)}")
+    return "\n".join(lines)
 
 
 def _available_cpus() -> int:
@@ -130,19 +177,63 @@ def _parse_lr_overrides(items: list[str], known: list[str]) -> dict[str, float]:
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or name not in known:
-            raise ValueError(f"--lr-for expects NAME=LR with NAME one of {', '.join(known)}; got {item!r}")
+            raise ValueError(f"--lr-for expects ROW=LR with ROW one of {', '.join(known)}; got {item!r}")
         overrides[name] = float(value)
     return overrides
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), or None."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _environment(device: torch.device, threads: int) -> dict[str, Any]:
     import transformers
 
+    import lowmem
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
         "torch": torch.__version__,
+        "triton": triton_version,
         "transformers": transformers.__version__,
+        "lowmem": lowmem.__version__,
+        "commit": _git_commit(),
         "device": str(device),
         "torch_threads": threads,
         "cpus_available": _available_cpus(),
@@ -162,14 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     """Run the training benchmark; returns a process exit code (0 on success, 2 on bad arguments)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list:
+        print(_list_rows())
+        return 0
     started = time.perf_counter()
+    command = "python -m lowmem.bench train" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
 
     requested = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in requested if n not in REGISTRY]
-    if unknown or not requested:
-        parser.error(f"unknown optimizer(s) {unknown}; known: {', '.join(REGISTRY)}")
+    if not requested:
+        parser.error(f"--optimizers is empty; known optimizers: {', '.join(REGISTRY)}")
+    rows = {}
+    for row in requested:
+        try:
+            rows[row] = parse_row(row, REGISTRY)
+        except ValueError as error:
+            parser.error(str(error))
     try:
-        lr_overrides = _parse_lr_overrides(args.lr_for, list(REGISTRY))
+        lr_overrides = _parse_lr_overrides(args.lr_for, list(dict.fromkeys([*REGISTRY, *requested])))
     except ValueError as error:
         parser.error(str(error))
     if min(args.steps, args.seeds, args.batch_size, args.seq_len, args.val_windows) < 1:
@@ -178,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     names: list[str] = []
     for name in requested:
-        reason = REGISTRY[name].unavailable_reason()
+        optimizer_name, techniques = rows[name]
+        reason = REGISTRY[optimizer_name].unavailable_reason()
+        for technique in techniques:
+            reason = reason or technique.unavailable_reason()
         if reason is None:
             names.append(name)
         else:
@@ -226,18 +329,35 @@ def main(argv: list[str] | None = None) -> int:
         f"device {device} ({threads} threads), optimizers {', '.join(names)}, seeds {seeds}"
     )
 
+    def default_lr(row: str) -> float:
+        return ROW_LRS.get(row, REGISTRY[rows[row][0]].default_lr)
+
     peak_lrs = {
-        name: lr_overrides.get(name, args.lr if args.lr is not None else REGISTRY[name].default_lr)
-        for name in names
+        name: lr_overrides.get(name, args.lr if args.lr is not None else default_lr(name)) for name in names
     }
     print("peak lr: " + ", ".join(f"{name} {lr:g}" for name, lr in peak_lrs.items()))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    enabled = {"auto": None, "on": True, "off": False}[args.progress]
+    progress = Progress(len(names) * len(seeds), args.steps, enabled=enabled)
     # Seeds outer, optimizers inner: slow drifts of the machine hit every optimizer alike.
     for seed in seeds:
         for name in names:
             settings = replace(base_settings, lr=peak_lrs[name], seed=seed)
             run_started = time.perf_counter()
-            result = train_one(name, settings, corpus, val_windows, config, seed)
+            optimizer_name, techniques = rows[name]
+            progress.start_run(f"{name} seed {seed}")
+            result = train_one(
+                optimizer_name,
+                settings,
+                corpus,
+                val_windows,
+                config,
+                seed,
+                techniques=techniques,
+                progress=progress.step if progress.enabled else None,
+            )
+            progress.end_run(result["steps_run"])
+            progress.clear()
             runs[name].append(result)
             print(
                 f"  {name:>12} seed {seed}: val loss {result['val_loss']:.3f}, "
@@ -255,8 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     payload = {
+        "command": command,
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "rows": {
+                row: {"optimizer": o, "techniques": [t.name for t in ts]} for row, (o, ts) in rows.items()
+            },
             "preset": config.preset.to_dict(),
             "eval_every": eval_every,
             "lr_overrides": lr_overrides,
@@ -280,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         note = plot_curves(Path(args.plot), payload["results"])
         print(f"note: {note}" if note else f"plot: {args.plot}")
+    if args.memory_plot:
+        note = plot_memory(Path(args.memory_plot), summaries)
+        print(f"note: {note}" if note else f"memory plot: {args.memory_plot}")
+    if args.results_md is not None:
+        write_results_markdown(args.results_md, payload, command)
+        print(f"results page: {args.results_md}")
     return 0
 
 

@@ -101,3 +101,15 @@ def test_hardware_peaks_lookup() -> None:
     assert names.index("H100 PCIe") < names.index("H100")  # first match wins
     assert dict(micro.HARDWARE_PEAKS)["H100"]["gbs"] == 3350.0
     assert dict(micro.HARDWARE_PEAKS)["H200"]["bfloat16"] == 989.0
+
+
+def test_vs_best_other_is_the_ratio_to_the_fastest_other_row(report: tuple[dict, str]) -> None:
+    data, text = report
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in data["rows"]:
+        groups.setdefault((row["op"], row["shape"]), []).append(row)
+    for rows in groups.values():
+        for row in rows:
+            fastest_other = min(o["median_ms"] for o in rows if o is not row)
+            assert row["vs_best_other"] == pytest.approx(row["median_ms"] / fastest_other)
+    assert "vs best other" in text

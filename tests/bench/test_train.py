@@ -181,3 +181,90 @@ def test_default_run_includes_the_lowmem_family() -> None:
     from lowmem.bench.optimizers import DEFAULT_OPTIMIZERS
 
     assert {"adamw", "galore", "fira", "apollo", "apollo-mini"} <= set(DEFAULT_OPTIMIZERS)
+
+
+# ------------------------------------------------------------------------------ rows with techniques
+
+
+def test_parse_row_splits_optimizer_and_techniques_and_rejects_bad_rows() -> None:
+    from lowmem.bench.techniques import TECHNIQUES, parse_row
+
+    assert parse_row("adamw", REGISTRY) == ("adamw", ())
+    name, techniques = parse_row("galore8bit+sltrain+layerwise", REGISTRY)
+    assert name == "galore8bit" and [t.name for t in techniques] == ["sltrain", "layerwise"]
+    assert techniques[0] is TECHNIQUES["sltrain"]
+    for row, message in [
+        ("nope+sltrain", "unknown optimizer 'nope'"),
+        ("adamw+nope", "unknown technique 'nope'"),
+        ("adamw+offload+offload", "appears twice"),
+        ("adamw+sltrain+int8", "cannot be combined with 'sltrain'"),
+        ("adamw+ckpt+ckpt-offload", "cannot be combined with 'ckpt'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_row(row, REGISTRY)
+
+
+def test_layerwise_row_updates_inside_backward_and_clips_per_parameter() -> None:
+    from lowmem.bench.optimizers import OptimizerSettings, build_optimizer
+
+    model = build_model(PRESETS["micro"], 32, seed=0)
+    with pytest.raises(ValueError, match="adamw has no layer-wise mode"):
+        build_optimizer("adamw", model, OptimizerSettings(layerwise=True))
+    opt = build_optimizer(
+        "galore", model, OptimizerSettings(rank=4, layerwise=True, max_grad_norm_per_param=1.0)
+    )
+    assert opt._layerwise is not None and opt._layerwise_options.max_grad_norm_per_param == 1.0
+    before = model.lm_head.weight.detach().clone()
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not torch.equal(model.lm_head.weight, before)  # updated in backward, no step() yet
+    assert model.lm_head.weight.grad is None  # and its gradient freed
+
+
+def test_train_main_runs_a_layerwise_row_and_writes_results_page(tmp_path: Path) -> None:
+    out, page, memory_png = tmp_path / "train.json", tmp_path / "RESULTS.md", tmp_path / "memory.png"
+    args = [*MICRO_ARGS, "--optimizers", "adamw,galore+layerwise", "--json", str(out)]
+    args += ["--results-md", str(page), "--memory-plot", str(memory_png)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"adamw", "galore+layerwise"}
+    assert report["config"]["rows"]["galore+layerwise"] == {
+        "optimizer": "galore",
+        "techniques": ["layerwise"],
+    }
+    summary = report["results"]["galore+layerwise"]["summary"]
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss_mean"] / math.log(2))
+    assert summary["step_cpu_time_s"] > 0
+    env = report["environment"]
+    assert env["torch"] == torch.__version__ and "commit" in env and "triton" in env
+    text = page.read_text()
+    assert "| galore+layerwise |" in text and "--results-md" in text and "commit" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not memory_png.exists()
+    else:
+        assert memory_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_draws_on_a_terminal_and_stays_silent_elsewhere() -> None:
+    import io
+
+    from lowmem.bench.progress import Progress
+
+    quiet = io.StringIO()
+    bar = Progress(runs=2, steps=4, stream=quiet)  # StringIO is not a terminal
+    for step in range(1, 5):
+        bar.step(step)
+    assert quiet.getvalue() == ""
+    shown = io.StringIO()
+    bar = Progress(runs=2, steps=4, stream=shown, enabled=True)
+    bar.start_run("galore seed 0")
+    for step in range(1, 5):
+        bar.step(step)
+    assert " 50%  galore seed 0 step 4/4" in shown.getvalue()
+    bar.start_run("adamw seed 0")
+    bar.step(2)
+    assert " 75%  adamw seed 0 step 2/4" in shown.getvalue()
+    bar.clear()
+    assert shown.getvalue().endswith("\r")
