@@ -291,3 +291,33 @@ register_op(
     cpp="lowmem.kernels.adamw8bit_cpu:adamw8bit_cpu_multi",
     dtypes={"triton": _LOW_PRECISION_AND_FP32, "cpp": _LOW_PRECISION_AND_FP32},
 )
+# int8 training linears (lowmem/nn/low_precision.py): absmax quantization with one scale per row
+# or column, and the int8 x int8 -> int32 GEMM with the dequantizing epilogue. On CPU the
+# references emulate the numerics in fp32 (exact integer sums); they are for checking, not speed.
+register_op(
+    "quantize_int8",
+    ref="lowmem.kernels.quantize:quantize_int8_ref",
+    triton="lowmem.kernels.quantize:quantize_int8",
+    dtypes={"triton": _LOW_PRECISION_AND_FP32},
+)
+register_op(
+    "int8_matmul",
+    ref="lowmem.kernels.int8_matmul:int8_matmul_ref",
+    triton="lowmem.kernels.int8_matmul:int8_matmul",
+)
+# fp8 GEMM: cuBLASLt through torch._scaled_mm is the CUDA implementation (a vendor op, not one of
+# csrc/; on GPUs without fp8 tensor cores it runs the reference); the reference upcasts to fp32.
+register_op(
+    "fp8_matmul",
+    ref="lowmem.kernels.fp8_matmul:fp8_matmul_ref",
+    cuda="lowmem.kernels.fp8_matmul:fp8_matmul_scaled_mm",
+)
+# SLTrain's W = scale * B @ A + S (Han et al. 2024): built tile by tile by one Triton kernel on
+# CUDA; on CPU the reference (one addmm into a fresh buffer, then index_add_ of the sparse values)
+# is what we measured fastest, so there is no C++ op (lowmem/kernels/sparse_low_rank.py).
+register_op(
+    "sparse_low_rank_weight",
+    ref="lowmem.kernels.sparse_low_rank:sparse_low_rank_weight_ref",
+    triton="lowmem.kernels.sparse_low_rank:sparse_low_rank_weight",
+    dtypes={"triton": _LOW_PRECISION_AND_FP32},
+)

@@ -41,7 +41,28 @@ if HAS_TRITON:
                 x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # keep NaNs NaN
         return x
 
+    @triton.jit
+    def _grouped_tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Row and column offsets (int64) of this program's output tile, in grouped order.
+
+        Programs are numbered along groups of ``GROUP_M`` tile rows, so neighbouring programs
+        share rows of the left operand and it stays in L2 (Triton's matmul tutorial ordering).
+        int64: m*n (or stride*index) of a large matrix exceeds 2**31.
+        """
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_m, offs_n
+
 else:
     _rounded_for = None
+    _grouped_tile_offsets = None
 
-__all__ = ["HAS_TRITON", "_rounded_for", "interpreting", "tl", "triton"]
+__all__ = ["HAS_TRITON", "_grouped_tile_offsets", "_rounded_for", "interpreting", "tl", "triton"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, _grouped_tile_offsets, _rounded_for, interpreting, tl, triton
 
 __all__ = ["lowrank_update", "lowrank_update_bytes", "lowrank_update_flops", "lowrank_update_ref"]
 
@@ -62,20 +62,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        # Grouped ordering: neighbouring programs share rows of a, so a stays in L2.
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
-        # int64: m*n (or stride*index) of a large weight exceeds 2**31.
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n = _grouped_tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
         mask_m = offs_m < M
         mask_n = offs_n < N

@@ -7,6 +7,7 @@
 - :class:`AdamW8bit`, :class:`GaLoreAdamW8bit`: presets with 8-bit block-wise states.
 - :func:`lowrank_param_groups`: split a model into a low-rank group and a plain group.
 - :func:`register_layerwise_ddp_hook`: layer-wise stepping in a DistributedDataParallel model.
+- :func:`reset_momentum`: zero the momentum, re-warm the lr (Glentis et al. 2025).
 """
 
 from lowmem.optim.adamw8bit import AdamW8bit, GaLoreAdamW8bit
@@ -15,6 +16,7 @@ from lowmem.optim.fira_adamw import FiraAdamW
 from lowmem.optim.galore_adafactor import GaLoreAdafactor
 from lowmem.optim.galore_adamw import GaLoreAdamW
 from lowmem.optim.layerwise_ddp import register_layerwise_ddp_hook
+from lowmem.optim.momentum_reset import reset_momentum
 from lowmem.optim.param_groups import lowrank_param_groups
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "GaLoreAdamW8bit",
     "lowrank_param_groups",
     "register_layerwise_ddp_hook",
+    "reset_momentum",
 ]

@@ -1,0 +1,295 @@
+"""``LowPrecisionLinear``: an ``nn.Linear`` whose training matmuls run in int8 or fp8.
+
+Low-precision training (survey: "Low-precision training of large language models", 2025):
+the big matmuls of a linear layer's forward and backward run on quantized operands while the
+master weight, the bias, the optimizer and everything numerically sensitive stay in high
+precision. The weight is re-quantized from the master copy at every use, so the optimizer
+updates it exactly as for ``nn.Linear``, and the state dict is the plain high-precision weight
+(same keys as ``nn.Linear``; :meth:`LowPrecisionLinear.to_dense` gives the ``nn.Linear`` back).
+
+With ``x`` (M, K) the flattened tokens, ``W`` (N, K), ``dY`` (M, N)::
+
+    forward   Y  = X Wᵀ + b     X per row (token) scales, W per output channel (row) scales
+    backward  dX = dY W         dY per row scales, W per *input* column scales
+              dW = dYᵀ X        high precision by default (SwitchBack); quantized if asked:
+                                dY and X per column scales (the sum runs over tokens)
+              db = sum_m dY     high precision
+
+Each operand is scaled along the axis that is *not* summed, so the scales leave the K-sum and
+the product is an exact integer (int8) or fp32-accumulated (fp8) GEMM with a dequantizing
+epilogue (see :mod:`lowmem.kernels.int8_matmul`). Keeping dW in 16/32-bit follows SwitchBack
+(Wortsman et al. 2023, "Stable and low-precision training for large-scale vision-language
+models"): the weight gradient sums over all tokens, where quantization noise hurts most.
+
+``precision="int8"``: row-wise absmax int8 (:mod:`lowmem.kernels.quantize`), Triton kernels on
+CUDA. ``precision="fp8"``: e4m3 for the forward operands and W, e5m2 for gradients
+(Micikevicius et al. 2022), ``scaling="tensor"`` (one scale per tensor) or ``"row"``, through
+``torch._scaled_mm`` on GPUs with fp8 tensor cores (sm89+).
+
+CPU: both precisions run the same quantization numerics emulated in fp32 (int8: exact integer
+sums; fp8: fp32 GEMM of upcast fp8 values). That is for checking numerics: it is slower than
+``nn.Linear`` (quantization passes plus an fp32 GEMM), and int8 on CPU through ``torch._int_mm``
+would be ~40x slower still. Nobody should pick these layers on CPU for speed.
+
+Non-finite values: a token (row of X or dY) holding NaN/inf makes its whole output row NaN, and a
+weight row/column holding one makes the matching output column NaN (fp32 math would give
+inf/NaN there too); see :mod:`lowmem.kernels.quantize`. Loss scalers see them as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowmem._ops import dispatch
+from lowmem.kernels.fp8_quantize import quantize_fp8
+
+__all__ = ["MAX_K", "PRECISIONS", "LowPrecisionLinear", "to_dense"]
+
+#: ``lowmem.kernels.int8_matmul.MAX_K``, the longest int8 sum the int32 accumulator holds; copied
+#: so that ``import lowmem.nn`` does not import Triton (tests check the two agree).
+MAX_K = 2**17
+
+PRECISIONS = ("int8", "fp8")
+_SCALINGS = {"int8": ("row",), "fp8": ("tensor", "row")}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_E4M3, _E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def _quantize_int8(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    return dispatch("quantize_int8", x.device, x.dtype)(x, dim)
+
+
+def _int8_mm(
+    a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    return dispatch("int8_matmul", a.device)(a, b, sa, sb, bias, out_dtype)
+
+
+def _fp8_mm(
+    a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    return dispatch("fp8_matmul", a.device)(a, b, sa, sb, bias, out_dtype)
+
+
+def _high_precision_weight_grad(g: Tensor, x: Tensor, compute_dtype: torch.dtype, weight: Tensor) -> Tensor:
+    # The compute dtype nn.Linear would use (autocast's, else the input's), then the weight's.
+    return (g.t().to(compute_dtype) @ x.to(compute_dtype)).to(weight.dtype)
+
+
+class _Int8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype, quantize_wgrad: bool
+    ) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            xq, xs = _quantize_int8(x, 1)  # one scale per token
+            wq, ws = _quantize_int8(weight, 1)  # one scale per output channel
+            out = _int8_mm(xq, wq.t(), xs, ws, bias, out_dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.out_dtype = out_dtype
+        ctx.quantize_wgrad = quantize_wgrad
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                gq, gs = _quantize_int8(grad_out, 1)  # per token: the sum runs over N
+                wq, ws = _quantize_int8(weight, 0)  # per input column k: the sum runs over N
+                grad_x = _int8_mm(gq, wq, gs, ws, None, x.dtype)
+            if ctx.needs_input_grad[1]:
+                if ctx.quantize_wgrad:
+                    grad_w = _int8_weight_grad(grad_out, x, weight.dtype)
+                else:
+                    grad_w = _high_precision_weight_grad(grad_out, x, ctx.out_dtype, weight)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _int8_weight_grad(g: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """dW = gᵀ x in int8 with per-column scales of g and x (the sum runs over tokens), in
+    token chunks of at most MAX_K so the int32 accumulator cannot overflow."""
+    m = g.shape[0]
+    if m <= MAX_K:
+        gq, gs = _quantize_int8(g, 0)
+        xq, xs = _quantize_int8(x, 0)
+        return _int8_mm(gq.t(), xq, gs, xs, None, dtype)
+    total = torch.zeros((g.shape[1], x.shape[1]), dtype=torch.float32, device=g.device)
+    for m0 in range(0, m, MAX_K):
+        gq, gs = _quantize_int8(g[m0 : m0 + MAX_K], 0)
+        xq, xs = _quantize_int8(x[m0 : m0 + MAX_K], 0)
+        total += _int8_mm(gq.t(), xq, gs, xs, None, torch.float32)
+    return total.to(dtype)
+
+
+class _Fp8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        out_dtype: torch.dtype,
+        quantize_wgrad: bool,
+        rowwise: bool,
+    ) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            xq, xs = quantize_fp8(x, _E4M3, 1 if rowwise else None)  # xs: (M, 1) or ()
+            wq, ws = quantize_fp8(weight, _E4M3, 1 if rowwise else None)  # ws: (N, 1) or ()
+            out = _fp8_mm(xq, wq.t(), xs, ws.t(), bias, out_dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.out_dtype = out_dtype
+        ctx.quantize_wgrad = quantize_wgrad
+        ctx.rowwise = rowwise
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        row = ctx.rowwise
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                gq, gs = quantize_fp8(grad_out, _E5M2, 1 if row else None)  # (M, 1): per token
+                wq, ws = quantize_fp8(weight, _E4M3, 0 if row else None)  # (1, K): per input column
+                grad_x = _fp8_mm(gq, wq, gs, ws, None, x.dtype)
+            if ctx.needs_input_grad[1]:
+                if ctx.quantize_wgrad:
+                    gq, gs = quantize_fp8(grad_out, _E5M2, 0 if row else None)  # (1, N): per channel
+                    xq, xs = quantize_fp8(x, _E4M3, 0 if row else None)  # (1, K)
+                    grad_w = _fp8_mm(gq.t(), xq, gs.t(), xs, None, weight.dtype)
+                else:
+                    grad_w = _high_precision_weight_grad(grad_out, x, ctx.out_dtype, weight)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class LowPrecisionLinear(nn.Linear):
+    """``nn.Linear`` with int8 or fp8 matmuls in forward and backward (module docstring).
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear`` (the master weight's
+            dtype: fp32, bf16 or fp16).
+        precision: ``"int8"`` (row-wise absmax int8, int32 accumulation) or ``"fp8"`` (e4m3
+            forward, e5m2 gradients).
+        scaling: ``"row"`` (int8's only choice and its default) or ``"tensor"`` (fp8's default;
+            torchao's tensor-wise recipe); fp8 also takes ``"row"``.
+        quantize_weight_grad: also compute dW in low precision (default False: dW in the
+            compute dtype, SwitchBack's choice).
+
+    Input (..., in_features) in fp32/bf16/fp16; output (..., out_features) in the input's dtype,
+    or autocast's dtype inside ``torch.autocast`` (like ``nn.Linear``). Parameters ``weight``
+    (out, in) and ``bias`` (out,) are ordinary high-precision parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        precision: str = "int8",
+        scaling: str | None = None,
+        quantize_weight_grad: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_options(precision, scaling, in_features, out_features)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.precision = precision
+        self.scaling = scaling or _SCALINGS[precision][0]
+        self.quantize_weight_grad = bool(quantize_weight_grad)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        precision: str = "int8",
+        scaling: str | None = None,
+        quantize_weight_grad: bool = False,
+    ) -> LowPrecisionLinear:
+        """A LowPrecisionLinear that shares ``linear``'s weight and bias Parameters (so an
+        optimizer built before the swap keeps updating them)."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            precision=precision,
+            scaling=scaling,
+            quantize_weight_grad=quantize_weight_grad,
+            device="meta",  # no allocation: the parameters are replaced right below
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent ``nn.Linear``, sharing this layer's weight and bias Parameters."""
+        return to_dense(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"LowPrecisionLinear: input has {x.shape[-1]} features in its last dimension, "
+                f"expected in_features={self.in_features}"
+            )
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            out_dtype = x.dtype
+        if x.dtype not in _FLOAT_DTYPES or out_dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"LowPrecisionLinear: input dtype {x.dtype} (compute dtype {out_dtype}) is not supported; "
+                "use float32, bfloat16 or float16"
+            )
+        x2 = x.reshape(-1, self.in_features)
+        if self.precision == "int8":
+            out = _Int8LinearFunction.apply(x2, self.weight, self.bias, out_dtype, self.quantize_weight_grad)
+        else:
+            out = _Fp8LinearFunction.apply(
+                x2, self.weight, self.bias, out_dtype, self.quantize_weight_grad, self.scaling == "row"
+            )
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, precision={self.precision}, scaling={self.scaling}, "
+            f"quantize_weight_grad={self.quantize_weight_grad}"
+        )
+
+
+def _check_options(precision: str, scaling: str | None, in_features: int, out_features: int) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if scaling is not None and scaling not in _SCALINGS[precision]:
+        raise ValueError(
+            f"scaling={scaling!r} is not available for precision={precision!r}; "
+            f"choose one of {_SCALINGS[precision]}"
+        )
+    if precision == "int8" and max(in_features, out_features) > MAX_K:
+        raise ValueError(
+            f"int8 LowPrecisionLinear needs in_features and out_features <= {MAX_K} (the int32 accumulator "
+            f"of the forward / input-gradient sums could overflow); got {in_features} x {out_features}"
+        )
+
+
+def to_dense(module: LowPrecisionLinear) -> nn.Linear:
+    """The ``nn.Linear`` equivalent of ``module``, sharing its weight and bias Parameters."""
+    if not isinstance(module, LowPrecisionLinear):
+        raise TypeError(f"to_dense expects a LowPrecisionLinear, got {type(module).__name__}")
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight = module.weight
+    linear.bias = module.bias
+    linear.train(module.training)
+    return linear
