@@ -1,0 +1,277 @@
+"""CPUOffloadOptimizer on a CPU "device": master-copy semantics, every optimizer family, resume, schedulers.
+
+Without a GPU the device params live on the CPU too, so these tests check the bookkeeping
+(hooks, version checks, masters, hyperparameter forwarding, state dicts) exactly, bit for bit
+against the inner optimizer run directly on fp32 weights. The CUDA streams and pinned buffers
+are exercised only on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem.memory import CPUOffloadOptimizer
+from lowmem.optim import APOLLO_MINI, AdamW8bit, ApolloAdamW, FiraAdamW, GaLoreAdamW, GaLoreAdamW8bit
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # 96x80 matrices: large enough for 8-bit states (>= 4096 elements) and rank-8 projections.
+    layers = [nn.Linear(80, 96), nn.Tanh(), nn.Linear(96, 80), nn.Tanh(), nn.Linear(80, 4)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _batches(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 80, generator=gen), torch.randn(16, 4, generator=gen)) for _ in range(steps)]
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    dtype = next(model.parameters()).dtype
+    return nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+
+
+def _groups(model: nn.Module, rank: dict | None) -> list[dict]:
+    if rank is None:
+        return [{"params": list(model.parameters())}]
+    mats = [p for p in model.parameters() if p.dim() == 2 and min(p.shape) > 8]
+    rest = [p for p in model.parameters() if all(p is not m for m in mats)]
+    return [{"params": mats, **rank}, {"params": rest}]
+
+
+CASES = {
+    "torch-adamw": (torch.optim.AdamW, {"lr": 1e-2, "fused": True}, None),
+    "adamw8bit": (AdamW8bit, {"lr": 1e-2}, None),
+    "galore-int8": (GaLoreAdamW8bit, {"lr": 1e-2}, {"rank": 8, "update_proj_gap": 2}),
+    "galore-bf16-states": (
+        GaLoreAdamW,
+        {"lr": 1e-2, "state_dtype": "bfloat16"},
+        {"rank": 8, "update_proj_gap": 3},
+    ),
+    "fira": (FiraAdamW, {"lr": 1e-2}, {"rank": 8, "update_proj_gap": 2}),
+    "apollo-mini": (ApolloAdamW, {"lr": 1e-2}, APOLLO_MINI),
+}
+
+
+def _run(make_opt, model: nn.Module, batches) -> torch.optim.Optimizer:
+    opt = make_opt(model)
+    for batch in batches:
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_params_match_the_inner_optimizer_bitwise(case: str) -> None:
+    cls, kwargs, rank = CASES[case]
+    batches = _batches(4)
+    ref = _model()
+    _run(lambda m: cls(_groups(m, rank), **kwargs), ref, batches)
+    ours = _model()
+    opt = _run(lambda m: CPUOffloadOptimizer(_groups(m, rank), cls, **kwargs), ours, batches)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(m.dtype == torch.float32 and m.device.type == "cpu" for m in opt.master_params())
+    # optimizer.state maps the device params to the host states (8-bit codes where chosen).
+    first = next(ours.parameters())
+    assert opt.state[first] is opt.inner.state[opt.master_params()[0]]
+    if cls is AdamW8bit:  # 96x80 weight: over min_8bit_size, so 8-bit codes
+        assert opt.state[first]["exp_avg"].dtype == torch.uint8
+
+
+def test_bf16_params_with_fp32_master_equal_fp32_adamw_then_cast() -> None:
+    """The master keeps fp32 precision: bf16 weights are the fp32 AdamW trajectory, cast each step."""
+    batches = _batches(5)
+    model = _model(torch.bfloat16)
+    master = [nn.Parameter(p.detach().float()) for p in model.parameters()]
+    ref = torch.optim.AdamW(master, lr=1e-3, fused=True)
+    opt = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    for batch in batches:
+        _loss(model, batch).backward()
+        for m, p in zip(master, model.parameters(), strict=True):
+            m.grad = p.grad.float()
+        ref.step()
+        opt.step()
+        opt.zero_grad()
+        for m, p in zip(master, model.parameters(), strict=True):
+            assert p.dtype == torch.bfloat16
+            assert torch.equal(p.detach(), m.detach().to(torch.bfloat16))
+    # lr 1e-3 moves weights by less than bf16's resolution near 1: only the master accumulates them.
+    assert not torch.equal(master[0].detach(), master[0].detach().bfloat16().float())
+
+
+def _save_load(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("case", ["torch-adamw", "galore-int8", "apollo-mini"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_weights_only_checkpoint_continues_bitwise(case: str, dtype: torch.dtype) -> None:
+    cls, kwargs, rank = CASES[case]
+    batches = _batches(6)
+
+    def make(model):
+        return CPUOffloadOptimizer(_groups(model, rank), cls, **kwargs)
+
+    straight = _model(dtype)
+    _run(make, straight, batches)
+
+    first = _model(dtype)
+    opt = _run(make, first, batches[:3])
+    model_state, opt_state = _save_load(first.state_dict()), _save_load(opt.state_dict())
+    if dtype == torch.bfloat16:
+        assert len(opt_state["master_params"]) == len(list(first.parameters()))
+    else:
+        assert opt_state["master_params"] == {}  # fp32 device params are their own master
+    resumed = _model(dtype, seed=123)  # different initial weights: everything must come from the checkpoint
+    resumed.load_state_dict(model_state)
+    opt2 = make(resumed)
+    opt2.load_state_dict(opt_state)
+    for batch in batches[3:]:
+        _loss(resumed, batch).backward()
+        opt2.step()
+        opt2.zero_grad()
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lr_scheduler_drives_the_inner_optimizer() -> None:
+    batches = _batches(5)
+    ref = _model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.1)
+    ours = _model()
+    opt = CPUOffloadOptimizer(ours.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    for batch in batches:
+        for model, o, s in ((ref, ref_opt, ref_sched), (ours, opt, sched)):
+            _loss(model, batch).backward()
+            o.step()
+            o.zero_grad()
+            s.step()
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    # The 5th step ran after 4 scheduler steps (lr 1e-4), the 3rd after 2 (1e-3): both reached the host.
+    assert opt.inner.param_groups[0]["lr"] == pytest.approx(1e-4)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradient_changed_after_its_hook_is_copied_again() -> None:
+    """clip_grad_norm_ runs after backward (after the hooks copied): step() must use the clipped gradient."""
+    batch = _batches(1)[0]
+    ref, ours = _model(), _model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    opt = CPUOffloadOptimizer(ours.parameters(), lr=1e-2)
+    for model, o in ((ref, ref_opt), (ours, opt)):
+        _loss(model, batch).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        assert norm > 1e-2  # the clip really changed the gradients
+        o.step()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_grad_set_by_hand_and_params_without_grad() -> None:
+    batches = _batches(2)
+    ref, ours = _model(), _model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    opt = CPUOffloadOptimizer(ours.parameters(), lr=1e-2)
+    for model, o in ((ref, ref_opt), (ours, opt)):
+        for batch in batches:  # two backward passes into the same .grad
+            _loss(model, batch).backward()
+        last = list(model.parameters())[-1]
+        last.grad = torch.full_like(last, 0.5)  # a new tensor: no hook saw it
+        next(iter(model.parameters())).grad = None  # no gradient: not updated, no state
+        o.step()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert next(iter(ours.parameters())) not in opt.state
+
+
+def test_closure_zero_grad_and_step_hooks() -> None:
+    model = _model()
+    opt = CPUOffloadOptimizer(model.parameters(), lr=1e-2)
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    batch = _batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, batch)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and calls == ["post"]
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.grad is None for m in opt.master_params())
+
+
+def test_named_params_and_add_param_group() -> None:
+    model = _model()
+    named = list(model.named_parameters())
+    opt = CPUOffloadOptimizer(named[:2], lr=1e-2)
+    opt.add_param_group({"params": named[2:], "lr": 1e-3})
+    assert opt.inner.param_groups[0]["param_names"] == [n for n, _ in named[:2]]
+    assert opt.inner.param_groups[1]["lr"] == 1e-3 and opt.param_groups[1]["weight_decay"] == 0.01
+    _loss(model, _batches(1)[0]).backward()
+    opt.step()
+    assert len(opt.state) == len(named)
+
+
+def test_hooks_are_removed_with_the_optimizer() -> None:
+    model = _model()
+    first = next(model.parameters())
+    hooks_before = len(getattr(first, "_post_accumulate_grad_hooks", None) or {})
+    opt = CPUOffloadOptimizer(model.parameters(), lr=1e-2)
+    assert len(first._post_accumulate_grad_hooks) == hooks_before + 1
+    del opt
+    gc.collect()
+    assert len(first._post_accumulate_grad_hooks or {}) == hooks_before
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    model = _model()
+    with pytest.raises(TypeError, match=r"optimizer_class must be a torch\.optim\.Optimizer"):
+        CPUOffloadOptimizer(model.parameters(), optimizer_class="adamw")
+    with pytest.raises(ValueError, match="layerwise=True"):
+        CPUOffloadOptimizer(model.parameters(), GaLoreAdamW, layerwise=True)
+    with pytest.raises(ValueError, match="master_dtype"):
+        CPUOffloadOptimizer(model.parameters(), master_dtype=torch.int32)
+    with pytest.raises(TypeError, match="floating-point"):
+        CPUOffloadOptimizer([torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        CPUOffloadOptimizer(model.parameters(), lr=-1.0)  # the inner optimizer's own check
+    embedding = nn.Embedding(10, 4, sparse=True)
+    opt = CPUOffloadOptimizer(embedding.parameters())
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        embedding(torch.tensor([1, 2])).sum().backward()
+    opt = CPUOffloadOptimizer(model.parameters())
+    with pytest.raises(ValueError, match=r"CPUOffloadOptimizer\.state_dict"):
+        opt.load_state_dict({"state": {}})
+    with pytest.raises(TypeError, match="cannot be copied"):
+        import copy
+
+        copy.deepcopy(opt)
