@@ -1,4 +1,4 @@
-"""Command line of the benchmark harness: ``python -m lowmem.bench {train,micro,step,step8bit} [options]``.
+"""Command line of the benchmark harness: ``python -m lowmem.bench SUBCOMMAND [options]``.
 
 Each subcommand is a module with ``main(argv: list[str] | None) -> int``, imported only when
 chosen, so ``micro`` never pays for transformers and ``train`` never for the kernel suites.
@@ -15,6 +15,11 @@ SUBCOMMANDS = {
     "micro": ("lowmem.bench.micro", "micro-benchmarks of single kernels, with bytes and FLOPs models"),
     "step": ("lowmem.bench.step", "one optimizer step (steady and refresh) vs galore-torch and AdamW"),
     "step8bit": ("lowmem.bench.step8bit", "8-bit AdamW step on CPU vs torch fused AdamW and bitsandbytes"),
+    "memory": ("lowmem.bench.memory", "memory per device (weights, grads, states, activations)"),
+    "layers": ("lowmem.bench.layers", "SLTrain / low-rank linears fwd+bwd vs nn.Linear, saved bytes"),
+    "lowp": ("lowmem.bench.lowp_linear", "int8 / fp8 training linear vs nn.Linear (fwd+bwd, TOPS vs peak)"),
+    "offload": ("lowmem.bench.offload", "activation offload and offloaded checkpointing: bytes kept, time"),
+    "offload-optim": ("lowmem.bench.offload_optim", "CPUOffloadOptimizer's host step vs torch fused AdamW"),
 }
 
 
