@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks for a lent accelerator machine (no network there): the kernel tests with compiled
-# Triton kernels (no interpreter), the kernel micro-benchmarks, the optimizer-step benchmarks
+# GPU checks for a lent accelerator machine (no network there): the kernel, layer and offload
+# tests with compiled Triton kernels (no interpreter), the kernel micro-benchmarks, the layer,
+# low-precision and offload benchmarks, the optimizer-step benchmarks
 # against the research code (galore-torch, fira, apollo-torch, bitsandbytes), a host-overhead
 # probe at small sizes, and a short training run. Writes logs and a summary table into $OUT (or
 # bench_results/gpu). Installs nothing from the network: optional wheels (galore-torch, fira,
@@ -35,8 +36,9 @@ echo "| check | status | time |" >"$out/summary.md"
 echo "|---|---|---|" >>"$out/summary.md"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 run env 40 python3 -m lowmem.env
-run tests 170 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py \
-  tests/optim/test_state_dtype.py tests/optim/test_apollo_adamw.py tests/optim/test_fira_adamw.py
+run tests 200 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py \
+  tests/optim/test_state_dtype.py tests/optim/test_apollo_adamw.py tests/optim/test_fira_adamw.py \
+  tests/nn tests/memory/test_offload.py tests/memory/test_cpu_offload.py
 run step_fp32 60 python3 -m lowmem.bench step --device cuda --repeats 20 --refresh-repeats 3 \
   --optimizers lowmem-randomized,galore-torch,fira,fira-package,apollo,apollo-torch,apollo-mini,adamw \
   --json "$out/step_fp32.json"
@@ -47,6 +49,12 @@ run step_host 40 python3 -m lowmem.bench step --device cuda --size 64 --rank 8 -
 run step8bit 60 python3 -m lowmem.bench step8bit --device cuda --repeats 10 \
   --optimizers lowmem,torch-fused,torch-foreach,bnb --json "$out/step8bit.json"
 run micro 50 python3 -m lowmem.bench micro --json "$out/micro.json"
+# Layers: SLTrain's fused build-W kernel vs torch ops at 4096x4096 (2048 / 8192 tokens, bf16);
+# int8 / fp8 linears vs bf16 nn.Linear at 4096x4096, 8192 tokens (TOPS vs peak).
+run layers 90 python3 -m lowmem.bench layers --device cuda --json "$out/layers.json"
+run lowp 150 python3 -m lowmem.bench lowp --device cuda --json "$out/lowp.json"
+# Activation offload / offloaded checkpointing: max_memory_allocated and step time at a long sequence.
+run offload 90 python3 -m lowmem.bench offload --device cuda --json "$out/offload.json"
 run train 90 python3 -m lowmem.bench train --device cuda --seeds 1 --steps 100 --plot "" \
   --optimizers adamw,galore,galore-torch,fira,fira-package,apollo,apollo-torch,apollo-mini,adamw8bit,galore8bit,bnb-adamw8bit \
   --json "$out/train.json"

@@ -97,12 +97,15 @@ def train_one(
     log: Callable[[str], None] = print,
     techniques: tuple[Technique, ...] = (),
     progress: Callable[[int], None] | None = None,
+    measure_peak: bool = True,
 ) -> dict[str, Any]:
     """Train a fresh model with one optimizer and return its measurements as a JSON-able dict.
 
     ``techniques`` (:mod:`lowmem.bench.techniques`) convert the fresh model's layers, wrap every
     step, or make the optimizer layer-wise. ``progress(step)`` is called after every step (the
-    harness's progress bar); without it the run logs its loss four times.
+    harness's progress bar); without it the run logs its loss four times. ``measure_peak=False``
+    skips the CPU peak-memory step (a profiled step costs seconds; the peak does not depend on the
+    seed, so the harness measures it on the first seed only): ``peak_memory_bytes`` is then None.
 
     Keys: ``seed``, ``train_loss`` (mean of the last ``final_loss_window`` step losses),
     ``val_loss``, ``val_ppl``, ``step_time_s`` / ``optimizer_step_time_s`` (medians after
@@ -169,9 +172,12 @@ def train_one(
     # (unreported) step under the profiler; its peak above the step's start plus what was live
     # at the start (parameters, buffers, optimizer state, the batch) is the step's peak.
     extra_batch = next_batch()
+    peak_bytes: int | None
     if device.type == "cuda":
         train_step(model, optimizer, extra_batch, config.grad_clip)
         peak_bytes, peak_method = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    elif not measure_peak:
+        peak_bytes, peak_method = None, "torch.profiler(profile_memory=True), one step"
     else:
         live_before = (
             tensor_bytes([list(model.parameters()), list(model.buffers()), list(optimizer.state.values())])
@@ -196,7 +202,7 @@ def train_one(
         "param_bytes": param_bytes,
         "optimizer_state_bytes": state_bytes,
         "target_state_bytes": target_state_bytes,
-        "peak_memory_bytes": int(peak_bytes),
+        "peak_memory_bytes": None if peak_bytes is None else int(peak_bytes),
         "peak_memory_method": peak_method,
         "train_curve": train_curve,
         "val_curve": val_curve,

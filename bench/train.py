@@ -1,13 +1,14 @@
 """``python -m lowmem.bench train``: train a small LLaMA on the standard library's source and compare
-optimizers side by side.
+optimizers and memory techniques side by side.
 
-With no arguments it trains the ``tiny`` preset for 200 steps with ``torch.optim.AdamW``, lowmem's
-``GaLoreAdamW`` and (when importable) galore-torch's ``GaLoreAdamW``, on 3 paired seeds, in a few
-minutes on 2 CPU cores, then prints one row per optimizer: final train loss, validation loss (mean
-± std over seeds) and its paired difference to AdamW, validation perplexity, median step and
-optimizer-step times, optimizer-state bytes and peak tensor memory, with ratios to AdamW.
-Results (per run, including loss curves) go to ``bench_results/train.json``; loss curves to
-``bench_results/train.png`` when matplotlib is installed.
+With no arguments it trains the ``tiny`` preset for 200 steps on 3 paired seeds with the default
+rows (``bench/optimizers.py``: AdamW, GaLore and galore-torch, Fira, APOLLO-Mini, 8-bit GaLore
+and AdamW on SLTrain layers), then prints one row each: final train loss, validation loss (mean
+± std over seeds) and its paired difference to AdamW, validation perplexity and bits per byte,
+median step wall and CPU times, optimizer-step time, optimizer-state bytes and peak tensor
+memory, with ratios to AdamW. Results (per run, including loss curves) go to
+``bench_results/train.json``; loss curves to ``bench_results/train.png`` and memory per row to
+``bench_results/train_memory.png`` when matplotlib is installed (the ``bench`` extra).
 
 All optimizers share lr, weight decay, betas, eps, the warm-up + cosine schedule, gradient clipping
 and data order; ``--lr-for NAME=LR`` overrides the lr of one row (GaLore papers tune it
@@ -48,7 +49,7 @@ from lowmem.bench.report import (
     write_json,
     write_results_markdown,
 )
-from lowmem.bench.techniques import ROW_LRS, TECHNIQUES, parse_row
+from lowmem.bench.techniques import TECHNIQUES, parse_row, row_default_lr
 
 #: Seed of the fixed validation windows: the same for every optimizer, seed and run.
 VAL_WINDOW_SEED = 1234
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizers",
         default=",".join(DEFAULT_OPTIMIZERS),
         help=f"comma list of rows: an optimizer ({', '.join(REGISTRY)}) optionally followed by "
-        f"+TECHNIQUE ({', '.join(TECHNIQUES)}), e.g. adamw+sltrain; see --list",
+        f"+TECHNIQUE ({', '.join(TECHNIQUES)}), e.g. adamw+sltrain, or 'all' (every optimizer); see --list",
     )
     p.add_argument("--list", action="store_true", help="print the optimizers and techniques, then exit")
     p.add_argument("--steps", type=int, default=200, help="training steps per run")
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m lowmem.bench train" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
 
     requested = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    if requested == ["all"]:
+        requested = list(REGISTRY)
     if not requested:
         parser.error(f"--optimizers is empty; known optimizers: {', '.join(REGISTRY)}")
     rows = {}
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def default_lr(row: str) -> float:
-        return ROW_LRS.get(row, REGISTRY[rows[row][0]].default_lr)
+        optimizer_name, techniques = rows[row]
+        return row_default_lr(REGISTRY[optimizer_name].default_lr, techniques)
 
     peak_lrs = {
         name: lr_overrides.get(name, args.lr if args.lr is not None else default_lr(name)) for name in names
@@ -355,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed,
                 techniques=techniques,
                 progress=progress.step if progress.enabled else None,
+                measure_peak=seed == seeds[0],
             )
             progress.end_run(result["steps_run"])
             progress.clear()

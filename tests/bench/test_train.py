@@ -180,7 +180,9 @@ def test_every_available_registry_entry_trains_two_steps(name: str) -> None:
 def test_default_run_includes_the_lowmem_family() -> None:
     from lowmem.bench.optimizers import DEFAULT_OPTIMIZERS
 
-    assert {"adamw", "galore", "fira", "apollo", "apollo-mini"} <= set(DEFAULT_OPTIMIZERS)
+    assert {"adamw", "galore", "fira", "apollo-mini", "galore8bit", "adamw+sltrain"} <= set(
+        DEFAULT_OPTIMIZERS
+    )
 
 
 # ------------------------------------------------------------------------------ rows with techniques
