@@ -193,11 +193,10 @@ class TrainerStepping:
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         stepper = self._layerwise  # type: ignore[attr-defined]
-        if stepper is not None and stepper.position != -1:
-            # The Trainer ended this window after fewer backward passes than accumulation_steps:
-            # apply what was accumulated now and start the next window at the next backward.
-            stepper._flush(self)
-            stepper.position = -1
+        if stepper is not None:
+            # The Trainer may end a window after fewer backward passes than accumulation_steps
+            # (the last one of an epoch): apply what was accumulated now.
+            stepper.close_window(self)
         loss = super().step(closure)  # type: ignore[misc]
         if stepper is not None and self._grad_sq_sum is not None:
             self.last_grad_norm = self._grad_sq_sum.sqrt()

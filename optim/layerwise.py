@@ -454,6 +454,18 @@ class LayerwiseStepper:
         if work is not tensor:
             tensor.copy_(work)
 
+    def close_window(self, optimizer: LowRankOptimizer) -> None:
+        """End the open accumulation window early: apply what it accumulated now.
+
+        For a loop whose last window has fewer micro-batches than ``accumulation_steps`` (the
+        HF Trainer at the end of an epoch); the next backward starts a new window. No-op when
+        no window is open.
+        """
+        if self.position == -1:
+            return
+        self._flush(optimizer)
+        self.position = -1
+
     # ----------------------------------------------------------------- step()
     def on_step(self, optimizer: LowRankOptimizer) -> None:
         """What ``step()`` does in layer-wise mode: no update, only checks."""

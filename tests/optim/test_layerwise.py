@@ -806,3 +806,36 @@ def test_register_layerwise_ddp_hook_rejects_what_it_cannot_serve(tmp_path: Path
         assert torch.equal(model.weight, after_backward)
     finally:
         dist.destroy_process_group()
+
+
+def test_close_window_applies_a_short_accumulation_window() -> None:
+    """close_window() after 2 of 3 micro-batches updates like step() after those 2 backward passes,
+    and the next backward opens a new window (the HF Trainer's short last window of an epoch)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(12, 10, dtype=torch.float64)
+    xs = [torch.randn(4, 10, dtype=torch.float64) for _ in range(3)]
+
+    def loss(w: torch.nn.Parameter, x: Tensor) -> Tensor:
+        return (x @ w.T).tanh().square().sum()
+
+    ref = torch.nn.Parameter(w0.clone())
+    ref_opt = GaLoreAdamW([{"params": [ref], "rank": 3, "update_proj_gap": 5}], lr=1e-2)
+    for x in xs[:2]:
+        loss(ref, x).backward()
+    ref_opt.step()
+    ref_opt.zero_grad()
+    loss(ref, xs[2]).backward()  # the next window's first micro-batch: accumulates, no update yet
+    lw = torch.nn.Parameter(w0.clone())
+    opt = GaLoreAdamW(
+        [{"params": [lw], "rank": 3, "update_proj_gap": 5}], lr=1e-2, layerwise=True, accumulation_steps=3
+    )
+    for x in xs[:2]:
+        loss(lw, x).backward()
+    assert torch.equal(lw.detach(), w0)  # window still open
+    opt._layerwise.close_window(opt)
+    torch.testing.assert_close(lw.detach(), ref.detach(), rtol=0, atol=1e-12)
+    opt._layerwise.close_window(opt)  # nothing open: no-op
+    after_first = lw.detach().clone()
+    loss(lw, xs[2]).backward()
+    assert torch.equal(lw.detach(), after_first)  # position 0 of a new window of 3
+    assert opt._layerwise.position == 0
