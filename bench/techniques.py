@@ -1,7 +1,7 @@
 """Memory techniques a training-benchmark row can add to its optimizer: ``OPTIMIZER+TECHNIQUE+...``.
 
 A row of ``python -m lowmem.bench train`` is an optimizer from :mod:`lowmem.bench.optimizers`
-optionally followed by techniques, e.g. ``adamw+sltrain``, ``galore8bit+sltrain``,
+optionally followed by techniques, e.g. ``adamw+sltrain``, ``adamw8bit+sltrain``,
 ``galore+layerwise``, ``adamw+offload``. Each technique changes one thing of the run and nothing
 else (same seed, data, schedule), so its row compares directly with the plain optimizer's:
 
@@ -69,6 +69,9 @@ class Technique:
     #: Peak lr of a row with this technique (when the row sets none): factorized layers train
     #: best at a higher lr than dense ones, whatever the optimizer.
     lr: float | None = None
+    #: The converted layers are no longer ``nn.Linear``: nothing is left for a projecting
+    #: (low-rank) optimizer to project, so such rows are refused.
+    replaces_linears: bool = False
 
     def unavailable_reason(self) -> str | None:
         """Why this technique cannot run here (its lowmem module lacks it), or None."""
@@ -152,6 +155,7 @@ TECHNIQUES: dict[str, Technique] = {
             transform=_convert_sltrain,
             conflicts=("lowrank", "int8"),
             lr=SLTRAIN_LR,
+            replaces_linears=True,
         ),
         Technique(
             "lowrank",
@@ -161,6 +165,7 @@ TECHNIQUES: dict[str, Technique] = {
             transform=_convert_lowrank,
             conflicts=("sltrain", "int8"),
             lr=SLTRAIN_LR,
+            replaces_linears=True,
         ),
         Technique(
             "int8",
@@ -202,12 +207,28 @@ TECHNIQUES: dict[str, Technique] = {
 }
 
 
+#: Optimizers that project the attention / MLP linears (rows with a layer technique that
+#: replaces those linears would have nothing to project).
+PROJECTING_OPTIMIZERS = (
+    "galore",
+    "galore-torch",
+    "fira",
+    "fira-package",
+    "apollo",
+    "apollo-mini",
+    "apollo-torch",
+    "galore8bit",
+)
+
+
 def parse_row(row: str, optimizers: dict[str, Any]) -> tuple[str, tuple[Technique, ...]]:
     """Split ``"OPTIMIZER+TECH+..."`` into the optimizer name and its techniques.
 
     Raises:
-        ValueError: an unknown optimizer or technique, a technique given twice, or two that
-            conflict (two layer conversions, checkpointing with and without offload).
+        ValueError: an unknown optimizer or technique, a technique given twice, two that
+            conflict (two layer conversions, checkpointing with and without offload), or a
+            projecting optimizer on layers a technique replaced (SLTrain's factors are already
+            rank d/4: use adamw or adamw8bit there).
     """
     name, *suffixes = [part.strip() for part in row.split("+")]
     if name not in optimizers:
@@ -222,5 +243,10 @@ def parse_row(row: str, optimizers: dict[str, Any]) -> tuple[str, tuple[Techniqu
         clash = [t.name for t in techniques if t.name in technique.conflicts]
         if clash:
             raise ValueError(f"row {row!r}: {suffix!r} cannot be combined with {clash[0]!r}")
+        if technique.replaces_linears and name in PROJECTING_OPTIMIZERS:
+            raise ValueError(
+                f"row {row!r}: {suffix!r} replaces the linears that {name!r} projects, leaving it nothing to "
+                "project; combine it with adamw or adamw8bit (optionally +layerwise)"
+            )
         techniques.append(technique)
     return name, tuple(techniques)

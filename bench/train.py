@@ -15,7 +15,7 @@ and data order; ``--lr-for NAME=LR`` overrides the lr of one row (GaLore papers 
 separately), and is recorded in the JSON.
 
 A row is an optimizer optionally followed by memory techniques (:mod:`lowmem.bench.techniques`):
-``--optimizers adamw,adamw+sltrain,galore8bit+sltrain,galore+layerwise,adamw+ckpt-offload``;
+``--optimizers adamw,adamw+sltrain,adamw8bit+sltrain+layerwise,galore+layerwise,adamw+ckpt-offload``;
 ``--list`` prints what exists. ``--results-md bench/RESULTS.md`` also writes the generated
 results page (command, machine, commit, table); ``--memory-plot`` a bar chart of memory per row.
 """

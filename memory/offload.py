@@ -263,6 +263,10 @@ class ActivationOffload:
     # -- which tensors move ------------------------------------------------------------------
 
     def _remember_kept(self, t: torch.Tensor) -> None:
+        # An FSDP2 parameter is a DTensor, which has no storage of its own: keep its local shard's.
+        local = getattr(t, "_local_tensor", None)
+        if isinstance(local, torch.Tensor):
+            t = local
         if t.layout == torch.strided and t.device.type != "meta":
             self._kept[storage_key(t)[:2]] = StorageWeakRef(t.untyped_storage())
 

@@ -14,6 +14,7 @@ from lowmem.optim._checks import check_adam_hyperparameters, check_choice
 from lowmem.optim.functional.adamw import adamw_update
 from lowmem.optim.lowrank_base import LowRankOptimizer
 from lowmem.optim.projector import Side, transport_moments
+from lowmem.optim.sharded import local_tensor
 
 #: ``state_dtype`` values: None keeps each parameter's dtype (torch.optim's behaviour); "int8"
 #: stores block-wise quantized moments (fp32 for tensors under ``min_8bit_size`` elements).
@@ -193,8 +194,8 @@ class AdamLowRankOptimizer(LowRankOptimizer):
             for state in states:
                 state["step"] += 1
             dispatch("adamw8bit_multi", device, dtype)(
-                params,
-                [p.grad.to(dtype) for p in params],
+                [local_tensor(p) for p in params],  # FSDP2: the local rows (optim/sharded.py)
+                [local_tensor(p.grad).to(dtype) for p in params],
                 [s["exp_avg"] for s in states],
                 [s["exp_avg_absmax"] for s in states],
                 [s["exp_avg_sq"] for s in states],

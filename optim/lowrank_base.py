@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lowmem.optim import sharded
 from lowmem.optim._checks import (
     check_choice,
     check_gradient,
@@ -285,12 +286,15 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         shape = matrix_shape(param)
         if group["rank"] >= min(shape):
             return None
+        if sharded.is_dtensor(param):  # FSDP2: project the unsharded side (optim/sharded.py)
+            return sharded.sharded_side(param, group["proj_type"])  # type: ignore[return-value]
         return projection_side(shape, group["proj_type"])
 
     def _check_state(self, param: Tensor, group: dict[str, Any], side: Side | None, name: str) -> None:
         state = self.state[param]
         key = self._moment_shape_key()
-        expected = lowrank_shape(matrix_shape(param), group["rank"], side) if side else tuple(param.shape)
+        local = sharded.local_tensor(param)  # FSDP2: the state has the local rows' shapes
+        expected = lowrank_shape(matrix_shape(local), group["rank"], side) if side else tuple(local.shape)
         if tuple(state[key].shape) != tuple(expected) or (side is not None) != ("last_refresh" in state):
             raise RuntimeError(
                 f"{type(self).__name__}: the state of {name} has {key} of shape {tuple(state[key].shape)} "
@@ -358,10 +362,29 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         current low-rank basis, given only for a projected parameter with state and no refresh
         due; the update then runs through :meth:`_lowrank_step_projected`.
         """
+        state = self.state[param]
+        # FSDP2 (optim/sharded.py): update this rank's rows, with its local gradient and the whole
+        # basis set up for the update and released after it; the state holds local tensors.
+        shard = sharded.ShardedParam.of(self, param, side, state)
+        if shard is None:
+            self._update_param(param, state, group, side, projected_grad, None)
+            return
+        with shard:
+            self._update_param(shard.local, state, group, side, projected_grad, shard)
+
+    def _update_param(
+        self,
+        param: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        side: Side | None,
+        projected_grad: Tensor | None,
+        shard: sharded.ShardedParam | None,
+    ) -> None:
+        """The body of :meth:`_step_param`: ``param`` is a plain tensor (an FSDP2 shard's rows)."""
         max_norm = self._layerwise_options.max_grad_norm_per_param
         if max_norm is not None and projected_grad is None:
             clip_grad_per_param_(param.grad, max_norm)
-        state = self.state[param]
         if not state:
             shape = lowrank_shape(matrix_shape(param), group["rank"], side) if side else tuple(param.shape)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -385,7 +408,8 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         if self._refresh_due(state, group, step):
             if grad is None:
                 raise RuntimeError("projected_grad was given for a step that refreshes the basis")
-            self._refresh(grad, group, state, side, step)
+            # FSDP2: the basis comes from the whole gradient, gathered for the refresh only.
+            self._refresh(grad if shard is None else shard.full_grad(), group, state, side, step)
         last = int(state["last_refresh"].item())
         # "reset" restarts bias correction at each refresh; "keep"/"project" carry the moments on.
         moment_step = step - last + 1 if group["on_refresh"] == "reset" and last >= 0 else step
@@ -485,6 +509,11 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """
         return not value.is_floating_point()
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict; states of FSDP2 (DTensor) parameters as DTensors for DCP."""
+        params = [param for group in self.param_groups for param in group["params"]]
+        return sharded.distribute_state(self, super().state_dict(), params)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; counters and quantized states keep their saved dtypes exactly."""
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
@@ -505,3 +534,4 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             for key, value in kept.get(pid, {}).items():
                 device = "cpu" if key in self.cpu_state_keys else param.device
                 self.state[param][key] = value.to(device, copy=True)
+        sharded.localize_state(self)  # FSDP2: DTensor states back to local tensors

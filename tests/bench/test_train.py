@@ -192,8 +192,8 @@ def test_parse_row_splits_optimizer_and_techniques_and_rejects_bad_rows() -> Non
     from lowmem.bench.techniques import TECHNIQUES, parse_row
 
     assert parse_row("adamw", REGISTRY) == ("adamw", ())
-    name, techniques = parse_row("galore8bit+sltrain+layerwise", REGISTRY)
-    assert name == "galore8bit" and [t.name for t in techniques] == ["sltrain", "layerwise"]
+    name, techniques = parse_row("adamw8bit+sltrain+layerwise", REGISTRY)
+    assert name == "adamw8bit" and [t.name for t in techniques] == ["sltrain", "layerwise"]
     assert techniques[0] is TECHNIQUES["sltrain"]
     for row, message in [
         ("nope+sltrain", "unknown optimizer 'nope'"),
@@ -201,6 +201,7 @@ def test_parse_row_splits_optimizer_and_techniques_and_rejects_bad_rows() -> Non
         ("adamw+offload+offload", "appears twice"),
         ("adamw+sltrain+int8", "cannot be combined with 'sltrain'"),
         ("adamw+ckpt+ckpt-offload", "cannot be combined with 'ckpt'"),
+        ("galore8bit+sltrain", "leaving it nothing to project"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_row(row, REGISTRY)

@@ -1,0 +1,283 @@
+r"""FSDP2 support: lowmem optimizers on row-sharded DTensor parameters (``fully_shard``).
+
+``torch.distributed.fsdp.fully_shard`` turns each parameter into a ``DTensor`` whose rank-local
+part is a block of rows (placement ``Shard(0)`` on a 1-D mesh of w ranks), and hands the
+optimizer a gradient sharded the same way (after its reduce-scatter). A lowmem optimizer then
+updates each rank's rows and nothing else, keeping per-rank memory proportional to 1/w:
+
+**Plain parameters** (groups without ``rank``, and rank >= min(m, n)) get AdamW element-wise on
+the local rows; the moments are local tensors of the local shape. Exactly the single-process
+update, with no communication.
+
+**Projected parameters** (GaLoreAdamW and its 8-bit preset): the projection acts on the
+*unsharded* side. For a row block G_i (m_i×n) of G and a right basis Q (r×n)::
+
+    R_i = G_i Qᵀ        is the block of rows i of R = G Qᵀ            (m_i×r)
+    M_i, V_i            the rows i of GaLore's moments                  (m_i×r, 2·m·r/w per rank)
+    W_i ← W_i − lr·scale·N_i Q                                          (the rows i of the update)
+
+so with one basis Q shared by the ranks, every rank runs the single-process GaLore update on
+its rows with no per-step communication of gradients or moments. Hence the rules:
+
+- ``proj_type`` ``"std"`` / ``"reverse_std"`` / ``"right"`` all project sharded weights on the
+  right; ``"left"`` and ``"full"`` would need an all-reduce of Pᵀ G every step and r×n moments
+  on every rank, and are refused (ValueError naming ``proj_type``).
+- **Refresh: gather, then project locally** (the default and only mode). At a refresh the
+  gradient is all-gathered (``DTensor.full_tensor``, one m×n matrix at a time, freed right
+  after: the same transient FSDP itself allocates to unshard a layer for forward), every rank
+  computes the same basis from the same full gradient with the same code, and the rank keeps
+  its slice of it. So the basis is GaLore's top-r subspace of the *whole* gradient, and a
+  sharded run follows a single-process run up to rounding. The alternative, a basis per local
+  row block (no gather, w different bases), changes the algorithm with the world size and
+  makes checkpoints depend on it; we do not offer it.
+- **The basis is sharded too**: each rank stores the columns ``[k·⌈n/w⌉, (k+1)·⌈n/w⌉)`` of Q
+  (r×⌈n/w⌉) and all-gathers Q (r×n, a fraction r/m of FSDP's own per-step all-gather of W)
+  for the step. State per rank for an m×n weight: (2·m·r + n·r)/w elements, against 2·m·r + n·r
+  on one process (``std`` with m >= n) — exactly 1/w.
+- **8-bit states** (``state_dtype="int8"``) are quantized per local tensor: a block of 256
+  never straddles two ranks' rows.
+
+FiraAdamW and ApolloAdamW (tensor-wise norms and the norm-growth limiter need an all-reduce in
+their functional cores) and GaLoreAdafactor (factored moments need column statistics) accept
+sharded parameters only in plain groups (Adam family) or not at all (Adafactor); they raise
+NotImplementedError naming the parameter otherwise. Layer-wise stepping and
+``max_grad_norm_per_param`` (whose norm would be the local rows') are refused the same way.
+
+**Checkpoints.** The optimizer keeps plain local tensors in ``optimizer.state`` (the kernels
+take plain tensors); ``state_dict()`` wraps the state of sharded parameters into DTensors on the
+parameter's mesh (moments ``Shard(0)``, the basis ``Shard(1)``, 8-bit block scales ``Shard(0)``
+padded to the largest rank's count; step counters stay plain, equal on every rank), which is
+what ``torch.distributed.checkpoint`` saves shard by shard and what
+``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
+``set_optimizer_state_dict`` expect; ``load_state_dict`` turns them back into local tensors.
+A resumed run continues bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lowmem.kernels.blockwise_quant import num_blocks
+
+if TYPE_CHECKING:
+    from lowmem.optim.lowrank_base import LowRankOptimizer
+
+__all__ = [
+    "ShardedParam",
+    "distribute_state",
+    "is_dtensor",
+    "local_tensor",
+    "localize_state",
+    "sharded_side",
+]
+
+#: proj_type values that project a row-sharded weight on its unsharded (right) side.
+RIGHT_PROJ_TYPES = ("std", "reverse_std", "right")
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter or gradient)."""
+    if type(tensor) is Tensor or not isinstance(tensor, Tensor) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor  # cached after the first call
+
+    return isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The rank-local part of a DTensor (sharing its storage), or ``tensor`` itself."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _check_row_sharded(param: Tensor, name: str = "a parameter") -> None:
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(param.placements)  # type: ignore[attr-defined]
+    if param.device_mesh.ndim != 1 or placements != (Shard(0),):  # type: ignore[attr-defined]
+        raise NotImplementedError(
+            f"{name} is a DTensor with placements {placements} on a {param.device_mesh.ndim}-D mesh; "
+            "lowmem optimizers support FSDP2's default row sharding (Shard(0) on a 1-D mesh) only; "
+            "use fully_shard(..., mesh=init_device_mesh(device, (world_size,))) without "
+            "shard_placement_fn, or HSDP's replicate dimension outside lowmem"
+        )
+
+
+def sharded_side(param: Tensor, proj_type: str) -> str:
+    """The projection side of a row-sharded weight: always ``"right"`` (module docstring)."""
+    _check_row_sharded(param)
+    if proj_type not in RIGHT_PROJ_TYPES:
+        raise ValueError(
+            f"Invalid proj_type: {proj_type!r} for a row-sharded (FSDP2) weight of shape "
+            f"{tuple(param.shape)}; use one of {RIGHT_PROJ_TYPES}, which project its unsharded "
+            "side, so each rank projects its own rows without communication"
+        )
+    return "right"
+
+
+class ShardedParam:
+    """One FSDP2 parameter during its update, as a context manager (``with shard: ...``).
+
+    Inside: ``local`` is the rank's block of rows (a plain tensor sharing the DTensor's storage,
+    so the kernels update the parameter in place) with ``local.grad`` set to the local gradient,
+    and ``state["proj_right"]`` is the whole r×n basis (all-gathered from the ranks' columns).
+    On exit the rank keeps only its columns of the basis (a basis computed inside, at a refresh,
+    is the same on every rank: the same full gradient and code) and ``local.grad`` is dropped,
+    so no reference outlives ``zero_grad``.
+    """
+
+    def __init__(self, param: Tensor, state: dict[str, Any]) -> None:
+        self.param = param
+        self.local: Tensor = param._local_tensor  # type: ignore[attr-defined]
+        self.state = state
+        self.mesh = param.device_mesh  # type: ignore[attr-defined]
+
+    @classmethod
+    def of(
+        cls, optimizer: LowRankOptimizer, param: Tensor, side: str | None, state: dict[str, Any]
+    ) -> ShardedParam | None:
+        """``None`` for plain tensors; for a DTensor, check that it is supported and wrap it."""
+        if not is_dtensor(param):
+            return None
+        _check_row_sharded(param)
+        _check_supported(optimizer, param, side)
+        return cls(param, state)
+
+    def __enter__(self) -> ShardedParam:
+        self.local.grad = local_tensor(self.param.grad)
+        if "proj_right" in self.state:
+            self.state["proj_right"] = _gather_columns(self.state["proj_right"], self.mesh, self.param.shape)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.local.grad = None
+        if "proj_right" in self.state:
+            self.state["proj_right"] = _column_slice(self.state["proj_right"], self.mesh)
+
+    def full_grad(self) -> Tensor:
+        """The whole m×n gradient, all-gathered (at a refresh only; the caller drops it after)."""
+        rows = self.param.shape[0]
+        return self.param.grad.full_tensor().reshape(rows, -1)  # type: ignore[union-attr]
+
+
+def _check_supported(optimizer: LowRankOptimizer, param: Tensor, side: str | None) -> None:
+    from lowmem.optim.galore_adamw import GaLoreAdamW  # lazy: galore_adamw imports the base class
+    from lowmem.optim.lowrank_adam import AdamLowRankOptimizer
+
+    name = type(optimizer).__name__
+    what = f"{name}: a row-sharded (FSDP2) parameter of shape {tuple(param.shape)}"
+    if optimizer._layerwise is not None:
+        raise NotImplementedError(
+            f"{what} with layerwise=True: FSDP2 reduce-scatters gradients after its own hooks; "
+            "use step() with FSDP2, or layer-wise stepping under DDP (register_layerwise_ddp_hook)"
+        )
+    if optimizer._layerwise_options.max_grad_norm_per_param is not None:
+        raise NotImplementedError(
+            f"{what} with max_grad_norm_per_param: the norm of a parameter spans every rank's rows; "
+            "clip with torch.nn.utils.clip_grad_norm_ (which handles DTensors) instead"
+        )
+    if side is None and isinstance(optimizer, AdamLowRankOptimizer):
+        return  # element-wise AdamW on the local rows
+    if side is not None and isinstance(optimizer, GaLoreAdamW):
+        return
+    raise NotImplementedError(
+        f"{what} in a {'low-rank' if side else 'plain'} group: {name} needs statistics over the whole "
+        "matrix (norms or factored moments) that are not implemented across ranks yet; use "
+        "GaLoreAdamW / GaLoreAdamW8bit for sharded low-rank groups, any Adam-family optimizer for "
+        "sharded plain groups, or this optimizer under DistributedDataParallel"
+    )
+
+
+def _column_bounds(columns: int, mesh: Any) -> tuple[int, int]:
+    """This rank's columns under ``Shard(1)``: torch.chunk's layout, ⌈n/w⌉ each, the last ones short."""
+    size = mesh.size()
+    chunk = -(-columns // size)
+    start = min(mesh.get_local_rank() * chunk, columns)
+    return start, min(start + chunk, columns)
+
+
+def _column_slice(full: Tensor, mesh: Any) -> Tensor:
+    start, stop = _column_bounds(full.shape[1], mesh)
+    return full[:, start:stop].contiguous()  # a copy: the full basis is freed
+
+
+def _gather_columns(local: Tensor, mesh: Any, param_shape: torch.Size) -> Tensor:
+    from torch.distributed.tensor import DTensor, Shard
+
+    rows = param_shape[0]
+    columns = math.prod(param_shape) // rows if rows else math.prod(param_shape[1:])
+    shape = (local.shape[0], columns)
+    return DTensor.from_local(
+        local, mesh, [Shard(1)], run_check=False, shape=shape, stride=(columns, 1)
+    ).full_tensor()
+
+
+# ------------------------------------------------------------------------ state dicts
+def _padded_blocks(param: Tensor, moment: Tensor) -> int:
+    """Block scales per rank in a checkpoint: the count of the rank with the most rows."""
+    rows_max = -(-param.shape[0] // param.device_mesh.size())  # type: ignore[attr-defined]
+    per_row = moment.numel() // moment.shape[0] if moment.shape[0] else 0
+    if not per_row:  # this rank holds no rows: the row width from the global moment shape
+        per_row = math.prod(moment.shape[1:])
+    return num_blocks(rows_max * per_row)
+
+
+def _to_dtensor(local: Tensor, param: Tensor, placement: Any, shape: tuple[int, ...]) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+    mesh = param.device_mesh  # type: ignore[attr-defined]
+    return DTensor.from_local(local, mesh, [placement], run_check=False, shape=shape, stride=stride)
+
+
+def distribute_state(
+    optimizer: LowRankOptimizer, state_dict: dict[str, Any], params: list[Tensor]
+) -> dict[str, Any]:
+    """``state_dict`` (torch.optim's, keyed by index) with sharded parameters' states as DTensors.
+
+    New per-parameter dicts are built, so ``optimizer.state`` keeps its local tensors.
+    """
+    from torch.distributed.tensor import Shard
+
+    state = dict(state_dict["state"])
+    for index, param in enumerate(params):
+        if index not in state or not is_dtensor(param):
+            continue
+        entry = dict(state[index])
+        size = param.device_mesh.size()  # type: ignore[attr-defined]
+        for key, value in state[index].items():
+            if not isinstance(value, Tensor) or value.dim() == 0:
+                continue  # counters: equal on every rank, saved once
+            if key == "proj_right":
+                entry[key] = _to_dtensor(value, param, Shard(1), (value.shape[0], _columns(param)))
+            elif key.endswith("_absmax"):
+                blocks = _padded_blocks(param, state[index][key.removesuffix("_absmax")])
+                padded = torch.zeros(blocks, dtype=value.dtype, device=value.device)
+                padded[: value.numel()] = value
+                entry[key] = _to_dtensor(padded, param, Shard(0), (blocks * size,))
+            else:  # moments: the parameter's rows (plain groups) or the rows of R (m×r)
+                entry[key] = _to_dtensor(value, param, Shard(0), (param.shape[0], *value.shape[1:]))
+        state[index] = entry
+    return {**state_dict, "state": state}
+
+
+def _columns(param: Tensor) -> int:
+    return math.prod(param.shape) // param.shape[0]
+
+
+def localize_state(optimizer: LowRankOptimizer) -> None:
+    """After ``load_state_dict``: DTensor state values back to the rank's local tensors."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            entry = optimizer.state.get(param)
+            if not entry:
+                continue
+            for key, value in list(entry.items()):
+                if is_dtensor(value):
+                    entry[key] = value.to_local()
+            for key in [k for k in entry if k.endswith("_absmax")]:
+                codes = entry[key.removesuffix("_absmax")]
+                entry[key] = entry[key][: num_blocks(codes.numel())].clone()
