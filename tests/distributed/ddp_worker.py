@@ -20,13 +20,12 @@ The test imports :func:`train` for two single-process references:
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
-from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from gloo_launch import gloo_group
 from torch import nn
 
 from lowmem.memory import offload_activations
@@ -229,25 +228,6 @@ def train(name: str, mode: str, rank: int = 0, world_size: int = 2) -> dict[str,
         opt.step()
         opt.zero_grad()
     return {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
-@contextlib.contextmanager
-def gloo_group(rank: int, world_size: int, init_file: str) -> Iterator[None]:
-    """A gloo process group joined through a file store (no port to pick), destroyed on exit."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:

@@ -36,9 +36,9 @@ from ddp_worker import (
     _loss,
     _split,
     batch,
-    gloo_group,
     set_mean_gradient,
 )
+from gloo_launch import gloo_group
 
 from lowmem.memory import offload_activations
 from lowmem.optim import AdamW8bit, ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit

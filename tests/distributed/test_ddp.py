@@ -8,10 +8,7 @@ global batch. Refreshes of the projector fall at updates 1 and 3, so they are co
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import CASES, train
+from gloo_launch import launch
 
 #: Tolerance against the global-batch run: the two halves' gradients are summed in another
 #: order than the whole batch's, a difference of a few ulps of the gradient that Adam's
@@ -28,36 +26,6 @@ from ddp_worker import CASES, train
 #: relative code spacing (≈ 2e-2 near the top of the map) → 2e-4 (lr = 1e-2).
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 ATOL_8BIT = 2e-4
-
-
-def launch(worker: Path, tmp_path: Path, timeout: float) -> list[dict]:
-    """Run 2 ranks of ``worker`` (file-store rendezvous), kill them on failure, load their results."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    if sys.platform == "linux":  # loopback: no dependence on how the host name resolves
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(rank), "2", str(tmp_path / "store"), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    deadline = time.monotonic() + timeout
-    outputs: list[str] = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(out.decode(errors="replace"))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank] if rank < len(outputs) else ''}"
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fsdp_worker import EXACT_CASES, train_exact_reference
-from test_ddp import launch
+from gloo_launch import launch
 
 from lowmem.bench.fsdp_example import Config
 from lowmem.kernels.blockwise_quant import num_blocks

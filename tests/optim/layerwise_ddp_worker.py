@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -119,16 +118,9 @@ def train_ddp(
 
 def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
+    from gloo_launch import gloo_group
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=30),
-    )
-    try:
+    with gloo_group(rank, world_size, init_file, timeout_s=30):
         results = {
             name: train(
                 k,
@@ -143,8 +135,6 @@ def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         for name, (k, optimizer_cls) in DDP_CONFIGS.items():
             results[name] = train_ddp(k, optimizer_cls, rank=rank, world_size=world_size)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

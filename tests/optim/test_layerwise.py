@@ -9,11 +9,7 @@ import copy
 import gc
 import itertools
 import math
-import os
 import pickle
-import subprocess
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -641,38 +637,13 @@ def test_data_parallel_two_processes_match_one_process(tmp_path: Path) -> None:
     layerwise), with and without accumulation (whose low-rank windows reduce R, not G). The same
     under a DistributedDataParallel-wrapped model with register_layerwise_ddp_hook (GaLore with
     and without no_sync accumulation, APOLLO)."""
+    from gloo_launch import launch
     from layerwise_ddp_worker import CONFIGS, DDP_CONFIGS
     from layerwise_ddp_worker import train as train_shard
 
-    worker = Path(__file__).with_name("layerwise_ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if sys.platform == "linux":  # loopback: no dependence on how the host name resolves
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(rank), "2", str(tmp_path / "store"), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    expected = {name: train_shard(k) for name, k in CONFIGS.items()}  # meanwhile, the reference
+    expected = {name: train_shard(k) for name, k in CONFIGS.items()}
     expected |= {name: train_shard(k, optimizer_cls=cls) for name, (k, cls) in DDP_CONFIGS.items()}
-    deadline = time.monotonic() + 120
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(out.decode(errors="replace"))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank] if rank < len(outputs) else ''}"
-    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    results = launch(Path(__file__).with_name("layerwise_ddp_worker.py"), tmp_path, timeout=120)
     for name in [*CONFIGS, *DDP_CONFIGS]:
         for key, value in expected[name].items():
             assert torch.equal(results[0][name][key], results[1][name][key]), (name, key)
