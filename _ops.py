@@ -321,3 +321,13 @@ register_op(
     triton="lowmem.kernels.sparse_low_rank:sparse_low_rank_weight",
     dtypes={"triton": _LOW_PRECISION_AND_FP32},
 )
+# SLTrain's linear y = x (scale B A + S)^T + bias as one op: the reference rebuilds W (Triton on
+# CUDA through sparse_low_rank_weight); on CPU, fp32/fp64, the compiled factorized path multiplies
+# by B, A and S without W (fewer FLOPs than a dense layer at rank d/4; csrc/sparse_support_mm.cpp),
+# and itself falls back to rebuilding W where its cost model says that is cheaper.
+register_op(
+    "sparse_low_rank_linear",
+    ref="lowmem.kernels.sparse_low_rank:sparse_low_rank_linear",
+    cpp="lowmem.kernels.sparse_low_rank_cpu:sparse_low_rank_linear_cpu",
+    dtypes={"cpp": (torch.float32, torch.float64)},
+)

@@ -6,9 +6,10 @@
    input (default 2048 x 2048, rank 512, density 3%, 2048 tokens, fp32 on CPU; on CUDA 4096 x 4096,
    rank 1024, 2048 and 8192 tokens, bf16), and their ratio. Samples of the candidates are
    interleaved (A, B, A, B, ...) so a load change on a shared machine hits both. Where the
-   dispatched backend is not the reference (Triton on CUDA), a row with ``lowmem.backend("ref")``
-   (W materialized with torch ops) is timed too, plus the build-W op alone with its bytes / FLOPs
-   model.
+   dispatched backend is not the reference (Triton on CUDA; on CPU the compiled factorized path,
+   labelled ``cpp factorized``, or ``cpp: rebuild W`` where its cost model rebuilds W instead), a
+   row with ``lowmem.backend("ref")`` (W materialized with torch ops) is timed too, plus the
+   build-W op alone with its bytes / FLOPs model.
 2. **Saved for backward**: bytes packed by autograd (counted with
    ``torch.autograd.graph.saved_tensors_hooks``, each storage once) next to the budget "input
    activation + the layer's own parameters and index" and next to ``nn.Linear``'s.
@@ -165,10 +166,23 @@ def time_rows(
         shape.tokens, shape.in_features, device=device, dtype=dtype, generator=gen
     ).requires_grad_()
     grad = torch.randn(shape.tokens, shape.out_features, device=device, dtype=dtype, generator=gen)
-    chosen = choose_backend("sparse_low_rank_weight", device, dtype)
+    # The layer runs the op sparse_low_rank_linear: on CPU its cpp backend (the factorized path,
+    # or rebuilding W where its cost model prefers that); its ref rebuilds W with the build-W op's
+    # backend (Triton on CUDA).
+    build_backend = choose_backend("sparse_low_rank_weight", device, dtype)
+    linear_backend = choose_backend("sparse_low_rank_linear", device, dtype)
+    chosen = linear_backend if linear_backend != "ref" else build_backend
+    label = chosen
+    if linear_backend == "cpp":
+        from lowmem.kernels.sparse_support import factorized_is_cheaper
+
+        factorized = factorized_is_cheaper(
+            shape.tokens, shape.out_features, shape.in_features, shape.rank, sparse.nnz
+        )
+        label = "cpp factorized" if factorized else "cpp: rebuild W"
     fns: dict[str, Callable[[], object]] = {
         "nn.Linear": _fwd_bwd(dense, x, grad),
-        f"SparseLowRankLinear[{chosen}]": _fwd_bwd(sparse, x, grad),
+        f"SparseLowRankLinear[{label}]": _fwd_bwd(sparse, x, grad),
     }
     if chosen != "ref":
 
@@ -189,14 +203,14 @@ def time_rows(
         sparse.sparse_index,
         sparse.scale,
     )
-    order = sparse._tile_order() if chosen == "triton" else None
+    order = sparse._tile_order() if build_backend == "triton" else None
     built = dispatch("sparse_low_rank_weight", device, dtype)
     build_fns: dict[str, Callable[[], object]] = {}
     with force_backend("ref"):
         ref_build = dispatch("sparse_low_rank_weight", device, dtype)
     build_fns["build W[ref]"] = lambda: ref_build(*args)
-    if chosen != "ref":
-        build_fns[f"build W[{chosen}]"] = lambda: built(*args, order=order)
+    if build_backend != "ref":
+        build_fns[f"build W[{build_backend}]"] = lambda: built(*args, order=order)
     build_ms = interleaved_medians(build_fns, device, warmup=warmup, iters=iters, budget_s=budget_s)
     m, n, r, nnz = shape.out_features, shape.in_features, shape.rank, sparse.nnz
     nbytes = sparse_low_rank_weight_bytes(
@@ -290,13 +304,13 @@ def param_row(preset_name: str, density: float = 0.03, rank_fraction: float = 0.
 
 def format_tables(times: list[TimeRow], saved: list[SavedRow], params: list[ParamRow]) -> str:
     lines = [
-        f"{'shape':<38} {'dtype':<9} {'layer':<30} {'median ms':>10} {'ratio':>7} {'GB/s':>8} {'GFLOP/s':>9}"
+        f"{'shape':<38} {'dtype':<9} {'layer':<36} {'median ms':>10} {'ratio':>7} {'GB/s':>8} {'GFLOP/s':>9}"
     ]
     for r in times:
         gbs = f"{r.gbs:8.1f}" if r.gbs is not None else f"{'':>8}"
         gfl = f"{r.tflops * 1e3:9.1f}" if r.tflops is not None else f"{'':>9}"
         lines.append(
-            f"{r.shape:<38} {r.dtype:<9} {r.layer:<30} {r.median_ms:10.2f} {r.ratio:7.3f} {gbs} {gfl}"
+            f"{r.shape:<38} {r.dtype:<9} {r.layer:<36} {r.median_ms:10.2f} {r.ratio:7.3f} {gbs} {gfl}"
         )
     lines.append("")
     lines.append(

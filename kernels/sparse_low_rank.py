@@ -395,10 +395,14 @@ def sparse_low_rank_linear(
     scale: float,
     *,
     order=None,
+    layout=None,
 ) -> Tensor:
     """``x @ (scale * b @ a + S)^T + bias`` (x: (..., in) -> (..., out)) without saving W.
 
     W is built by the op ``sparse_low_rank_weight`` through :func:`lowmem._ops.dispatch`
-    (Triton on CUDA, the reference on CPU). See :class:`SparseLowRankLinearFunction`.
+    (Triton on CUDA, the reference on CPU). See :class:`SparseLowRankLinearFunction`. This is
+    the ``ref`` backend of the op ``sparse_low_rank_linear``, whose ``cpp`` backend
+    (:mod:`lowmem.kernels.sparse_low_rank_cpu`) multiplies by the factors instead; ``layout``
+    is that backend's support grouping, accepted here so both share one signature, and unused.
     """
     return SparseLowRankLinearFunction.apply(x, b, a, values, index, bias, float(scale), order)

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lowmem.nn.low_rank import dense_linear
+
+if TYPE_CHECKING:
+    from lowmem.kernels.sparse_support import SupportLayout
 
 # lowmem.kernels.sparse_low_rank imports Triton (when installed): loaded on first use, so
 # `import lowmem.nn` stays light (tests/test_import.py).
@@ -115,7 +118,7 @@ class SparseLowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.sparse_values = nn.Parameter(torch.empty(index.numel(), **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self._orders: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._orders: dict[tuple, object] = {}  # tile orders and support layouts, see below
         self.reset_parameters()
 
     @property
@@ -148,16 +151,36 @@ class SparseLowRankLinear(nn.Module):
         key = (index.device, index.data_ptr(), index._version, block_m, block_n)
         order = self._orders.get(key)
         if order is None:
-            self._orders.clear()
+            for stale in [k for k in self._orders if k[0] != "layout"]:
+                del self._orders[stale]
             order = tile_order(index, self.out_features, self.in_features, block_m, block_n)
             self._orders[key] = order
         return order
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(..., in) -> (..., out); W is built (not stored) in the parameters' dtype."""
-        from lowmem.kernels.sparse_low_rank import sparse_low_rank_linear
+    def _support_layout(self) -> SupportLayout:
+        # The CPU factorized path's grouping of the support by row and by column (two sorts):
+        # cached like the tile order, keyed on the index buffer's version.
+        from lowmem.kernels.sparse_support import support_layout
 
-        return sparse_low_rank_linear(
+        index = self.sparse_index
+        key = ("layout", index.device, index.data_ptr(), index._version)
+        layout = self._orders.get(key)
+        if layout is None:
+            for stale in [k for k in self._orders if k[0] == "layout"]:
+                del self._orders[stale]
+            layout = support_layout(index, self.out_features, self.in_features)
+            self._orders[key] = layout
+        return layout
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., in) -> (..., out) through the op ``sparse_low_rank_linear`` (lowmem._ops): on
+        CUDA W is built (not stored) by the Triton kernel; on CPU, fp32/fp64, the compiled
+        factorized path multiplies by B, A and S without W where its cost model says it is
+        cheaper (:mod:`lowmem.kernels.sparse_low_rank_cpu`)."""
+        from lowmem._ops import dispatch
+
+        fn = dispatch("sparse_low_rank_linear", x.device, x.dtype)
+        return fn(
             x,
             self.B,
             self.A,
@@ -166,6 +189,7 @@ class SparseLowRankLinear(nn.Module):
             self.bias,
             self.scale,
             order=functools.partial(SparseLowRankLinear._tile_order, self),
+            layout=functools.partial(SparseLowRankLinear._support_layout, self),
         )
 
     @torch.no_grad()
