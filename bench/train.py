@@ -39,6 +39,7 @@ from lowmem.bench.corpus import fixed_windows, load_corpus
 from lowmem.bench.loop import RunConfig, train_one
 from lowmem.bench.model import PRESETS
 from lowmem.bench.optimizers import DEFAULT_OPTIMIZERS, REGISTRY, OptimizerSettings
+from lowmem.bench.parallel import RunTask, run_in_workers
 from lowmem.bench.progress import Progress
 from lowmem.bench.report import (
     BASELINE,
@@ -118,7 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="lowmem GaLore moment handling at a refresh (default: the optimizer's own)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--threads", type=int, default=_available_cpus(), help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=_available_cpus(), help="torch CPU threads in all")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once, each in its own process with threads/jobs torch threads (default: "
+        "min(2, threads) on CPU, 1 on CUDA; losses do not depend on it, times are taken side by side)",
+    )
     p.add_argument(
         "--eval-every",
         type=int,
@@ -295,9 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     device = torch.device(args.device)
+    jobs = args.jobs if args.jobs is not None else (min(2, args.threads) if device.type == "cpu" else 1)
+    if jobs < 1 or (jobs > 1 and device.type != "cpu"):
+        parser.error(f"--jobs must be >= 1, and 1 on a {device.type} device (got {jobs})")
     if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads if jobs == 1 else max(1, args.threads // jobs))
+    threads = args.threads if device.type == "cpu" else torch.get_num_threads()
     eval_every = max(1, args.steps // 4) if args.eval_every is None else args.eval_every
     config = RunConfig(
         preset=PRESETS[args.model],
@@ -329,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model {args.model} {config.preset.to_dict()}, "
         f"{args.steps} steps x {args.batch_size} x {args.seq_len} bytes, "
-        f"device {device} ({threads} threads), optimizers {', '.join(names)}, seeds {seeds}"
+        f"device {device} ({threads} threads, {jobs} job{'s' if jobs > 1 else ''}), "
+        f"optimizers {', '.join(names)}, seeds {seeds}"
     )
 
     def default_lr(row: str) -> float:
@@ -343,31 +355,60 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     enabled = {"auto": None, "on": True, "off": False}[args.progress]
     progress = Progress(len(names) * len(seeds), args.steps, enabled=enabled)
+
+    def report(name: str, seed: int, result: dict[str, Any], seconds: float) -> None:
+        print(
+            f"  {name:>12} seed {seed}: val loss {result['val_loss']:.3f}, "
+            f"train loss {result['train_loss']:.3f}, {seconds:.0f}s",
+            flush=True,
+        )
+
     # Seeds outer, optimizers inner: slow drifts of the machine hit every optimizer alike.
-    for seed in seeds:
-        for name in names:
-            settings = replace(base_settings, lr=peak_lrs[name], seed=seed)
-            run_started = time.perf_counter()
-            optimizer_name, techniques = rows[name]
-            progress.start_run(f"{name} seed {seed}")
-            result = train_one(
-                optimizer_name,
-                settings,
-                corpus,
-                val_windows,
+    order = [(seed, name) for seed in seeds for name in names]
+    if jobs > 1:
+        tasks = [
+            RunTask(
+                name,
+                rows[name][0],
+                tuple(t.name for t in rows[name][1]),
+                replace(base_settings, lr=peak_lrs[name], seed=seed),
                 config,
                 seed,
-                techniques=techniques,
-                progress=progress.step if progress.enabled else None,
                 measure_peak=seed == seeds[0],
             )
-            progress.end_run(result["steps_run"])
-            progress.clear()
-            runs[name].append(result)
-            print(
-                f"  {name:>12} seed {seed}: val loss {result['val_loss']:.3f}, "
-                f"train loss {result['train_loss']:.3f}, {time.perf_counter() - run_started:.0f}s"
-            )
+            for seed, name in order
+        ]
+        finished = run_in_workers(
+            tasks,
+            jobs=jobs,
+            threads_per_job=max(1, threads // jobs),
+            val_windows=args.val_windows,
+            window=args.seq_len + 1,
+            val_seed=VAL_WINDOW_SEED,
+            on_done=lambda task, result, seconds: report(task.row, task.seed, result, seconds),
+        )
+        for task, result in finished:
+            runs[task.row].append(result)
+    for seed, name in order if jobs == 1 else []:
+        settings = replace(base_settings, lr=peak_lrs[name], seed=seed)
+        run_started = time.perf_counter()
+        optimizer_name, techniques = rows[name]
+        progress.start_run(f"{name} seed {seed}")
+        result = train_one(
+            optimizer_name,
+            settings,
+            corpus,
+            val_windows,
+            config,
+            seed,
+            techniques=techniques,
+            progress=progress.step if progress.enabled else None,
+            measure_peak=seed == seeds[0],
+        )
+        progress.end_run(result["steps_run"])
+        progress.clear()
+        runs[name].append(result)
+        report(name, seed, result, time.perf_counter() - run_started)
 
     baseline = runs.get(BASELINE)
     summaries = {name: summarize(name_runs, baseline) for name, name_runs in runs.items()}
@@ -398,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "seeds": seeds,
         },
-        "environment": _environment(device, threads),
+        "environment": {**_environment(device, threads), "jobs": jobs},
         "corpus": info,
         "skipped": skipped,
         "results": {name: {"summary": summaries[name], "runs": runs[name]} for name in names},

@@ -46,6 +46,8 @@ MICRO_ARGS = [
     "3",
     "--plot",
     "",
+    "--jobs",
+    "1",
 ]
 
 
@@ -271,3 +273,22 @@ def test_progress_bar_draws_on_a_terminal_and_stays_silent_elsewhere() -> None:
     assert " 75%  adamw seed 0 step 2/4" in shown.getvalue()
     bar.clear()
     assert shown.getvalue().endswith("\r")
+
+
+def test_parallel_jobs_give_the_same_losses_as_one_process(tmp_path: Path) -> None:
+    """--jobs 2 runs (row, seed) pairs in two spawned worker processes; every run is determined by
+    its seed, so the loss curves equal a --jobs 1 run's exactly, and results keep the seed order."""
+    reports = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"train{jobs}.json"
+        args = [*MICRO_ARGS, "--seeds", "2", "--optimizers", "adamw,galore", "--jobs", str(jobs)]
+        assert main([*args, "--json", str(out), "--memory-plot", ""]) == 0
+        reports[jobs] = json.loads(out.read_text())
+    assert reports[2]["environment"]["jobs"] == 2
+    for name, entry in reports[1]["results"].items():
+        parallel = reports[2]["results"][name]["runs"]
+        assert [r["seed"] for r in parallel] == [0, 1]
+        for one, two in zip(entry["runs"], parallel, strict=True):
+            assert one["train_curve"] == two["train_curve"] and one["val_loss"] == two["val_loss"]
+        # Peak memory is measured on the first seed only, in both modes.
+        assert [r["peak_memory_bytes"] is None for r in parallel] == [False, True]
