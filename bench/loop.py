@@ -148,6 +148,9 @@ def train_one(
         with step_timer:
             loss = train_step(model, optimizer, batch, config.grad_clip, optimizer_timer)
         scheduler.step()
+        for technique in techniques:
+            if technique.after_step is not None:
+                technique.after_step(model, optimizer, step + 1)
         train_curve.append(loss)
         if not math.isfinite(loss):
             log(f"    [{label} seed {seed}] step {step + 1}: loss is {loss}; stopping this run")

@@ -204,6 +204,7 @@ def test_parse_row_splits_optimizer_and_techniques_and_rejects_bad_rows() -> Non
         ("adamw+sltrain+int8", "cannot be combined with 'sltrain'"),
         ("adamw+ckpt+ckpt-offload", "cannot be combined with 'ckpt'"),
         ("galore8bit+sltrain", "leaving it nothing to project"),
+        ("adamw+refactor", "'refactor' needs one of sltrain, lowrank"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_row(row, REGISTRY)
@@ -292,3 +293,33 @@ def test_parallel_jobs_give_the_same_losses_as_one_process(tmp_path: Path) -> No
             assert one["train_curve"] == two["train_curve"] and one["val_loss"] == two["val_loss"]
         # Peak memory is measured on the first seed only, in both modes.
         assert [r["peak_memory_bytes"] is None for r in parallel] == [False, True]
+
+
+def test_refactor_technique_refactorizes_and_resets_on_its_schedule(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``adamw+sltrain+refactor``: every REFACTOR_EVERY steps refactorize_ and reset_momentum run
+    (Glentis et al. 2025), and training goes on with finite losses."""
+    import lowmem.nn
+    import lowmem.optim
+    from lowmem.bench import techniques
+
+    calls: list[str] = []
+    real_refactorize, real_reset = lowmem.nn.refactorize_, lowmem.optim.reset_momentum
+
+    def refactorize(model: torch.nn.Module) -> int:
+        calls.append("refactorize")
+        return real_refactorize(model)
+
+    def reset(optimizer: torch.optim.Optimizer, warmup_steps: int = 10) -> int:
+        calls.append(f"reset {warmup_steps}")
+        return real_reset(optimizer, warmup_steps=warmup_steps)
+
+    monkeypatch.setattr(techniques, "REFACTOR_EVERY", 2)
+    monkeypatch.setattr(lowmem.nn, "refactorize_", refactorize)
+    monkeypatch.setattr(lowmem.optim, "reset_momentum", reset)
+    path = tmp_path / "train.json"
+    assert main([*MICRO_ARGS, "--optimizers", "adamw+sltrain+refactor", "--json", str(path)]) == 0
+    run = json.loads(path.read_text())["results"]["adamw+sltrain+refactor"]["runs"][0]
+    assert calls == ["refactorize", "reset 10"] * 3  # steps 2, 4, 6 of 6
+    assert all(math.isfinite(loss) for loss in run["train_curve"])
