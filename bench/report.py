@@ -170,8 +170,9 @@ def write_results_markdown(path: Path, payload: dict[str, Any], command: str) ->
             "",
             f"- command: `{command}`",
             f"- commit: `{env.get('commit') or 'unknown'}`",
-            f"- machine: {machine}, device `{env.get('device')}`, {env.get('torch_threads')} torch threads "
-            f"in {env.get('jobs', 1)} parallel run(s), {env.get('cpus_available')} CPUs available",
+            f"- machine: {machine}, device `{env.get('device')}`, {env.get('cpus_available')} CPUs "
+            f"available, {env.get('torch_threads')} torch threads in all, split over "
+            f"{env.get('jobs', 1)} run(s) at once",
             f"- software: python {env.get('python')}, torch {env.get('torch')}, triton {env.get('triton')}, "
             f"transformers {env.get('transformers')}",
             f"- run: model `{config.get('model')}` {config.get('preset')}, {config.get('steps')} steps x "
