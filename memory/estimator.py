@@ -153,6 +153,10 @@ def _check(name: str, value: Any, ok: bool, fix: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; {fix}")
 
 
+#: Low-rank optimizers whose state lowmem shards under FSDP2 (``optim/sharded.py``).
+FSDP2_LOWRANK = ("galore_adamw", "galore_adamw8bit")
+
+
 def estimate(
     model_or_config: Any,
     *,
@@ -194,8 +198,9 @@ def estimate(
         min_8bit_size: smaller moments stay fp32 under 8-bit states.
         offload_optimizer: :class:`lowmem.memory.CPUOffloadOptimizer`: states and an fp32 master
             in host memory.
-        world_size: devices that shard weights, gradients and states (FSDP full sharding);
-            element-wise optimizers only (``adamw``, ``adamw8bit``).
+        world_size: devices that shard weights, gradients and states (FSDP full sharding):
+            ``adamw``, ``adamw8bit`` and the optimizers whose low-rank state lowmem shards under
+            FSDP2 (:data:`FSDP2_LOWRANK`); not with ``layerwise``.
         activation_bytes: saved-activation bytes to use instead of the LLaMA model.
 
     Returns:
@@ -213,11 +218,11 @@ def estimate(
     _check(
         "proj_type", proj_type, proj_type in allowed, f"choose one of {', '.join(allowed)} for {optimizer}"
     )
-    if world_size > 1 and spec.lowrank:
+    if world_size > 1 and spec.lowrank and optimizer not in FSDP2_LOWRANK:
         raise ValueError(
-            f"Invalid world_size: {world_size} with {optimizer}; a low-rank optimizer projects whole "
-            "matrices, and what it keeps when FSDP shards them depends on the engine; estimate per "
-            "device with world_size=1, or use adamw / adamw8bit for sharded estimates"
+            f"Invalid world_size: {world_size} with {optimizer}; under FSDP2 lowmem shards the state of "
+            f"{', '.join(FSDP2_LOWRANK)} (and of adamw / adamw8bit), not yet of {optimizer}'s low-rank "
+            "groups; estimate per device with world_size=1"
         )
     if world_size > 1 and layerwise:
         raise ValueError(f"Invalid world_size: {world_size} with layerwise=True; estimate one or the other")
@@ -341,6 +346,16 @@ def estimate(
             "plus two decoder layers' full weights (gathered, prefetched) and one layer's full gradients "
             "(before reduce-scatter); 8-bit blocks split at shard edges ignored"
         )
+        if projected:
+            # lowmem's FSDP2 GaLore (optim/sharded.py): moments and basis are row-sharded, exactly 1/w;
+            # a projector refresh gathers one weight's full gradient, one weight at a time.
+            largest_projected = max(p.numel() for p in params if id(p) in projected) * b
+            gradients += largest_projected
+            assumptions.append(
+                "low-rank states under FSDP2: moments and projection basis sharded by rows (exactly 1/"
+                f"{world_size}); a projector refresh gathers the full gradient of one weight at a time "
+                "(counted with the gradients)"
+            )
     return MemoryReport(
         model=name,
         optimizer=optimizer,

@@ -206,8 +206,15 @@ def test_fsdp_sharding_and_bad_arguments() -> None:
     assert eight.optimizer_states == -(-one.optimizer_states // 8)
     assert one.weights / 8 < eight.weights < one.weights / 4  # a shard plus two gathered layers
     assert eight.activations == one.activations
-    with pytest.raises(ValueError, match="low-rank optimizer"):
-        estimate("llama-13b", optimizer="galore_adamw", world_size=8)
+    # GaLore under lowmem's FSDP2: moments and basis sharded 1/w, plus one weight's full gradient
+    # gathered at a projector refresh.
+    galore_one = estimate("llama-13b", optimizer="galore_adamw8bit")
+    galore_eight = estimate("llama-13b", optimizer="galore_adamw8bit", world_size=8)
+    assert galore_eight.optimizer_states == -(-galore_one.optimizer_states // 8)
+    mlp_weight = 13824 * 5120 * 2  # LLaMA-13B's largest projected matrix, bf16
+    assert galore_eight.gradients == eight.gradients + mlp_weight
+    with pytest.raises(ValueError, match="not yet of fira_adamw"):
+        estimate("llama-13b", optimizer="fira_adamw", world_size=8)
     with pytest.raises(ValueError, match="unknown optimizer"):
         estimate("llama-7b", optimizer="lion")
     with pytest.raises(ValueError, match="unknown model preset"):
