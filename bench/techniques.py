@@ -9,8 +9,11 @@ else (same seed, data, schedule), so its row compares directly with the plain op
   2024, SLTrain: W = (alpha/r)·B@A + S, rank d/4, density 3%), converted from the freshly
   initialised model before the optimizer is built.
 - ``lowrank``: the same linears become ``lowmem.nn.LowRankLinear`` (W = B@A, rank d/4).
-- ``int8``: the same linears become ``lowmem.nn.LowPrecisionLinear(precision="int8")`` (row-wise
-  int8 matmuls; on CPU the quantization numerics are emulated in fp32).
+- ``int8`` / ``fp8``: the same linears become ``lowmem.nn.LowPrecisionLinear`` (row-wise int8
+  matmuls, or e4m3/e5m2; on CPU the quantization numerics are emulated in fp32).
+
+``train --model-variant sltrain|lowrank`` and ``train --linear int8|fp8`` append the technique
+to every row (the issues' names for these rows).
 - ``offload``: the forward and backward run inside ``lowmem.memory.offload_activations()``.
 - ``ckpt`` / ``ckpt-offload``: every decoder layer is checkpointed with
   ``lowmem.memory.apply_checkpointing`` (recomputed in backward), its kept inputs on the device or
@@ -115,11 +118,14 @@ def _convert_lowrank(model: nn.Module, seed: int) -> dict[str, Any]:
     return {"rank": rank, "converted": _count_converted(report)}
 
 
-def _convert_int8(model: nn.Module, seed: int) -> dict[str, Any]:
-    from lowmem.nn import convert_to_low_precision
+def _low_precision(precision: str) -> Callable[[nn.Module, int], dict[str, Any]]:
+    def transform(model: nn.Module, seed: int) -> dict[str, Any]:
+        from lowmem.nn import convert_to_low_precision
 
-    report = convert_to_low_precision(model, precision="int8", target_modules=list(CONVERTED_MODULES))
-    return {"precision": "int8", "converted": _count_converted(report)}
+        report = convert_to_low_precision(model, precision=precision, target_modules=list(CONVERTED_MODULES))
+        return {"precision": precision, "converted": _count_converted(report)}
+
+    return transform
 
 
 def _count_converted(report: Any) -> int:
@@ -176,7 +182,7 @@ TECHNIQUES: dict[str, Technique] = {
             "lowmem.nn",
             "convert_to_sparse_low_rank",
             transform=_convert_sltrain,
-            conflicts=("lowrank", "int8"),
+            conflicts=("lowrank", "int8", "fp8"),
             lr=SLTRAIN_LR,
             replaces_linears=True,
         ),
@@ -186,7 +192,7 @@ TECHNIQUES: dict[str, Technique] = {
             "lowmem.nn",
             "convert_to_low_rank",
             transform=_convert_lowrank,
-            conflicts=("sltrain", "int8"),
+            conflicts=("sltrain", "int8", "fp8"),
             lr=SLTRAIN_LR,
             replaces_linears=True,
         ),
@@ -195,8 +201,16 @@ TECHNIQUES: dict[str, Technique] = {
             "attention/MLP linears -> LowPrecisionLinear(precision='int8')",
             "lowmem.nn",
             "convert_to_low_precision",
-            transform=_convert_int8,
-            conflicts=("sltrain", "lowrank"),
+            transform=_low_precision("int8"),
+            conflicts=("sltrain", "lowrank", "fp8"),
+        ),
+        Technique(
+            "fp8",
+            "attention/MLP linears -> LowPrecisionLinear(precision='fp8') (emulated off fp8 GPUs)",
+            "lowmem.nn",
+            "convert_to_low_precision",
+            transform=_low_precision("fp8"),
+            conflicts=("sltrain", "lowrank", "int8"),
         ),
         Technique(
             "offload",

@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"+TECHNIQUE ({', '.join(TECHNIQUES)}), e.g. adamw+sltrain, or 'all' (every optimizer); see --list",
     )
     p.add_argument("--list", action="store_true", help="print the optimizers and techniques, then exit")
+    p.add_argument(
+        "--model-variant",
+        choices=["dense", "sltrain", "lowrank"],
+        default="dense",
+        help="convert the attention/MLP linears of every row (the same as appending +sltrain / +lowrank)",
+    )
+    p.add_argument(
+        "--linear",
+        choices=["fp32", "int8", "fp8"],
+        default="fp32",
+        help="low-precision attention/MLP linears in every row (the same as appending +int8 / +fp8)",
+    )
     p.add_argument("--steps", type=int, default=200, help="training steps per run")
     p.add_argument("--model", choices=sorted(PRESETS), default="tiny", help="model size preset")
     p.add_argument(
@@ -273,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         requested = list(REGISTRY)
     if not requested:
         parser.error(f"--optimizers is empty; known optimizers: {', '.join(REGISTRY)}")
+    suffix = "".join(f"+{v}" for v in (args.model_variant, args.linear) if v not in ("dense", "fp32"))
+    requested = [row + suffix for row in requested]
     rows = {}
     for row in requested:
         try:

@@ -205,6 +205,7 @@ def test_parse_row_splits_optimizer_and_techniques_and_rejects_bad_rows() -> Non
         ("adamw+ckpt+ckpt-offload", "cannot be combined with 'ckpt'"),
         ("galore8bit+sltrain", "leaving it nothing to project"),
         ("adamw+refactor", "'refactor' needs one of sltrain, lowrank"),
+        ("adamw+int8+fp8", "cannot be combined with 'int8'"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_row(row, REGISTRY)
@@ -323,3 +324,17 @@ def test_refactor_technique_refactorizes_and_resets_on_its_schedule(
     run = json.loads(path.read_text())["results"]["adamw+sltrain+refactor"]["runs"][0]
     assert calls == ["refactorize", "reset 10"] * 3  # steps 2, 4, 6 of 6
     assert all(math.isfinite(loss) for loss in run["train_curve"])
+
+
+def test_model_variant_and_linear_flags_append_techniques_to_every_row(tmp_path: Path) -> None:
+    """``--model-variant sltrain`` and ``--linear int8`` (the issues' names for these rows) run
+    every requested row with that technique."""
+    out = tmp_path / "train.json"
+    args = [*MICRO_ARGS, "--optimizers", "adamw", "--linear", "int8", "--json", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["adamw+int8"]
+    run = report["results"]["adamw+int8"]["runs"][0]
+    assert run["techniques"]["int8"]["converted"] == 7 * PRESETS["micro"].num_layers
+    with pytest.raises(SystemExit):
+        main([*MICRO_ARGS, "--optimizers", "galore", "--model-variant", "sltrain"])  # nothing to project
