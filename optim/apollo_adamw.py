@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lowmem.optim import sharded
 from lowmem.optim._checks import check_choice
 from lowmem.optim.functional.apollo import lowrank_apollo_update
 from lowmem.optim.lowrank_adam import AdamLowRankOptimizer
@@ -105,7 +106,9 @@ class ApolloAdamW(AdamLowRankOptimizer):
     ) -> None:
         super()._init_state(state, param, group, side, shape)
         if side is not None:
-            seed = apollo_seed(group["seed"], tuple(param.shape), self._ordinal(param))
+            # FSDP2: param is a rank's rows; the seed comes from the whole parameter, as on one process.
+            param_ = sharded.global_param(self, param)
+            seed = apollo_seed(group["seed"], tuple(param_.shape), self._ordinal(param_))
             state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
             dtype = torch.promote_types(param.dtype, torch.float32)
             # ‖update‖ of the previous step after limiting; negative: no previous step yet.
@@ -165,4 +168,5 @@ class ApolloAdamW(AdamLowRankOptimizer):
             scale=float(group["scale"]),
             **self._adam_hyper(group, moment_step),
             absmax=self._absmax(state),
+            reduce_sum=sharded.reduce_sum_of(self),  # FSDP2: whole-matrix norms over every rank's rows
         )

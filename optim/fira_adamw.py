@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lowmem.optim import sharded
 from lowmem.optim.functional.fira import lowrank_fira_update
 from lowmem.optim.lowrank_adam import AdamLowRankOptimizer
 from lowmem.optim.projector import Side
@@ -82,4 +83,5 @@ class FiraAdamW(AdamLowRankOptimizer):
             scale=float(group["scale"]),
             **self._adam_hyper(group, moment_step),
             absmax=self._absmax(state),
+            reduce_sum=sharded.reduce_sum_of(self),  # FSDP2: ‖S‖ over every rank's rows
         )

@@ -37,11 +37,18 @@ its rows with no per-step communication of gradients or moments. Hence the rules
 - **8-bit states** (``state_dtype="int8"``) are quantized per local tensor: a block of 256
   never straddles two ranks' rows.
 
-FiraAdamW and ApolloAdamW (tensor-wise norms and the norm-growth limiter need an all-reduce in
-their functional cores) and GaLoreAdafactor (factored moments need column statistics) accept
-sharded parameters only in plain groups (Adam family) or not at all (Adafactor); they raise
-NotImplementedError naming the parameter otherwise. Layer-wise stepping and
-``max_grad_norm_per_param`` (whose norm would be the local rows') are refused the same way.
+**FiraAdamW and ApolloAdamW** (APOLLO-Mini included) follow the same scheme (right side, the
+rows i of every moment): their channels are then the rows, so channel norms and scaling
+factors are local, and the few norms over the whole matrix — Fira's ‖S‖ for the norm-growth
+limiter, APOLLO's ‖s ⊙ G‖ for it and, tensor-wise (APOLLO-Mini), ‖N‖, ‖R‖, ‖G‖ — are summed
+over the ranks as squared norms (:meth:`ShardedParam.reduce_sum`, an all-reduce of one scalar
+each), so every rank computes the single-process factors. APOLLO's random projection Q (r×n)
+depends only on n and a seed drawn from the *global* shape and ordinal, so it is the same on
+every rank and regenerated locally; its refresh sees the gathered gradient (non-finite check).
+
+GaLoreAdafactor (factored moments need column statistics over every rank's rows) is refused
+for sharded parameters (NotImplementedError naming the parameter), and so are layer-wise
+stepping and ``max_grad_norm_per_param`` (whose norm would be the local rows').
 
 **Checkpoints.** The optimizer keeps plain local tensors in ``optimizer.state`` (the kernels
 take plain tensors); ``state_dict()`` wraps the state of sharded parameters into DTensors on the
@@ -56,6 +63,7 @@ A resumed run continues bit for bit (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,9 +77,11 @@ if TYPE_CHECKING:
 __all__ = [
     "ShardedParam",
     "distribute_state",
+    "global_param",
     "is_dtensor",
     "local_tensor",
     "localize_state",
+    "reduce_sum_of",
     "sharded_side",
 ]
 
@@ -126,14 +136,17 @@ class ShardedParam:
     and ``state["proj_right"]`` is the whole r×n basis (all-gathered from the ranks' columns).
     On exit the rank keeps only its columns of the basis (a basis computed inside, at a refresh,
     is the same on every rank: the same full gradient and code) and ``local.grad`` is dropped,
-    so no reference outlives ``zero_grad``.
+    so no reference outlives ``zero_grad``. While inside, ``optimizer._active_shard`` is this
+    object, so an optimizer's hooks reach it (:func:`reduce_sum_of`, :func:`global_param`)
+    without a change to the base class's signatures.
     """
 
-    def __init__(self, param: Tensor, state: dict[str, Any]) -> None:
+    def __init__(self, param: Tensor, state: dict[str, Any], optimizer: Any = None) -> None:
         self.param = param
         self.local: Tensor = param._local_tensor  # type: ignore[attr-defined]
         self.state = state
         self.mesh = param.device_mesh  # type: ignore[attr-defined]
+        self.optimizer = optimizer
 
     @classmethod
     def of(
@@ -144,15 +157,19 @@ class ShardedParam:
             return None
         _check_row_sharded(param)
         _check_supported(optimizer, param, side)
-        return cls(param, state)
+        return cls(param, state, optimizer)
 
     def __enter__(self) -> ShardedParam:
+        if self.optimizer is not None:
+            self.optimizer._active_shard = self
         self.local.grad = local_tensor(self.param.grad)
         if "proj_right" in self.state:
             self.state["proj_right"] = _gather_columns(self.state["proj_right"], self.mesh, self.param.shape)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.optimizer is not None:
+            self.optimizer._active_shard = None
         self.local.grad = None
         if "proj_right" in self.state:
             self.state["proj_right"] = _column_slice(self.state["proj_right"], self.mesh)
@@ -162,8 +179,32 @@ class ShardedParam:
         rows = self.param.shape[0]
         return self.param.grad.full_tensor().reshape(rows, -1)  # type: ignore[union-attr]
 
+    def reduce_sum(self, partial: Tensor) -> Tensor:
+        """``partial`` summed over the ranks of the parameter's mesh (all-reduce SUM); a new tensor.
+
+        Every rank must call it, in the same order: it is reached from the same code path on every
+        rank (each rank steps every parameter, even one with no local rows).
+        """
+        total = partial.clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=self.mesh.get_group())
+        return total
+
+
+def reduce_sum_of(optimizer: Any) -> Callable[[Tensor], Tensor] | None:
+    """The all-reduce sum of the parameter being updated when it is row-sharded, else None."""
+    shard = getattr(optimizer, "_active_shard", None)
+    return None if shard is None else shard.reduce_sum
+
+
+def global_param(optimizer: Any, param: Tensor) -> Tensor:
+    """The DTensor whose local rows ``param`` is, during its update (for its global shape), else ``param``."""
+    shard = getattr(optimizer, "_active_shard", None)
+    return shard.param if shard is not None and shard.local is param else param
+
 
 def _check_supported(optimizer: LowRankOptimizer, param: Tensor, side: str | None) -> None:
+    from lowmem.optim.apollo_adamw import ApolloAdamW
+    from lowmem.optim.fira_adamw import FiraAdamW
     from lowmem.optim.galore_adamw import GaLoreAdamW  # lazy: galore_adamw imports the base class
     from lowmem.optim.lowrank_adam import AdamLowRankOptimizer
 
@@ -181,13 +222,14 @@ def _check_supported(optimizer: LowRankOptimizer, param: Tensor, side: str | Non
         )
     if side is None and isinstance(optimizer, AdamLowRankOptimizer):
         return  # element-wise AdamW on the local rows
-    if side is not None and isinstance(optimizer, GaLoreAdamW):
+    if side is not None and isinstance(optimizer, (GaLoreAdamW, FiraAdamW, ApolloAdamW)):
         return
     raise NotImplementedError(
         f"{what} in a {'low-rank' if side else 'plain'} group: {name} needs statistics over the whole "
-        "matrix (norms or factored moments) that are not implemented across ranks yet; use "
-        "GaLoreAdamW / GaLoreAdamW8bit for sharded low-rank groups, any Adam-family optimizer for "
-        "sharded plain groups, or this optimizer under DistributedDataParallel"
+        "matrix (factored moments) that are not implemented across ranks yet; use "
+        "GaLoreAdamW / GaLoreAdamW8bit / FiraAdamW / ApolloAdamW for sharded low-rank groups, "
+        "any Adam-family optimizer for sharded plain groups, or this optimizer under "
+        "DistributedDataParallel"
     )
 
 

@@ -6,16 +6,17 @@ Algorithm 1, with torch.optim.AdamW's eps placement and decay order.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lowmem.optim.functional.adamw import adam_direction_update
 from lowmem.optim.functional.scaling import (
     NORM_GROWTH_LIMIT,
+    ReduceSum,
     channel_axis,
     channel_norms,
     limit_norm_growth,
     norm_ratio,
+    tensor_norm,
 )
 from lowmem.optim.projector import Side, project
 
@@ -41,6 +42,7 @@ def lowrank_apollo_update(
     maximize: bool,
     absmax: tuple[Tensor, Tensor] | None = None,
     gamma: float = NORM_GROWTH_LIMIT,
+    reduce_sum: ReduceSum | None = None,
 ) -> None:
     """One APOLLO step for one m×n weight, in place.
 
@@ -64,7 +66,13 @@ def lowrank_apollo_update(
         scale_type: ``"channel"`` or ``"tensor"``.
         scale: the update is multiplied by √scale (apollo-torch's convention; APOLLO-Mini uses 128).
         absmax: the moments' fp32 block scales when they are 8-bit codes (``state_dtype="int8"``).
+        reduce_sum: for a row block of a row-sharded (FSDP2) weight, ``side="right"``: the sum
+            over the ranks. Channel factors are per row (local); the tensor-wise ‖N‖, ‖R‖, ‖G‖
+            and the limiter's ‖U‖ are summed as squared norms over the ranks, so each rank
+            computes the single-process update of its rows.
     """
+    if reduce_sum is not None and side != "right":
+        raise ValueError(f"a row-sharded weight is projected on the right, got side {side!r}")
     axis = channel_axis(side) if scale_type == "channel" else None
     low = project(grad, left, right)
     if maximize:
@@ -73,8 +81,11 @@ def lowrank_apollo_update(
     direction = adam_direction_update(
         low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step, absmax=absmax
     )
-    factors = norm_ratio(channel_norms(direction, axis), channel_norms(low, axis))
-    update_norm_now = torch.linalg.vector_norm(factors * channel_norms(grad, axis))  # ‖s ⊙ G‖
+    factors = norm_ratio(channel_norms(direction, axis, reduce_sum), channel_norms(low, axis, reduce_sum))
+    # ‖s ⊙ G‖: per row, summed over the ranks; tensor-wise, s·‖G‖ is already the whole matrix's.
+    update_norm_now = tensor_norm(
+        factors * channel_norms(grad, axis, reduce_sum), reduce_sum if axis is not None else None
+    )
     factors.mul_(limit_norm_growth(update_norm_now, update_norm, gamma)).mul_(scale**0.5)
     if weight_decay != 0:
         weight.mul_(1.0 - lr * weight_decay)

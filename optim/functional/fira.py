@@ -7,17 +7,18 @@ order.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lowmem._ops import dispatch
 from lowmem.optim.functional.adamw import adam_direction_update
 from lowmem.optim.functional.scaling import (
     NORM_GROWTH_LIMIT,
+    ReduceSum,
     channel_axis,
     channel_norms,
     limit_norm_growth,
     norm_ratio,
+    tensor_norm,
 )
 from lowmem.optim.projector import Side, project
 
@@ -42,6 +43,7 @@ def lowrank_fira_update(
     maximize: bool,
     absmax: tuple[Tensor, Tensor] | None = None,
     gamma: float = NORM_GROWTH_LIMIT,
+    reduce_sum: ReduceSum | None = None,
 ) -> None:
     """One Fira step for one m×n weight, in place.
 
@@ -68,7 +70,12 @@ def lowrank_fira_update(
         residual_norm: 0-d fp32 tensor, ‖S‖ after limiting at the previous step (negative: none).
         step: the moments' bias-correction step.
         absmax: the moments' fp32 block scales when they are 8-bit codes (``state_dtype="int8"``).
+        reduce_sum: for a row block of a row-sharded (FSDP2) weight, ``side="right"``: the sum
+            over the ranks. Everything is per row except ‖S‖, summed as Σ_k ‖S_k‖² (one
+            all-reduce of a scalar), so each rank computes the single-process update of its rows.
     """
+    if reduce_sum is not None and side != "right":
+        raise ValueError(f"a row-sharded weight is projected on the right, got side {side!r}")
     axis = channel_axis(side)
     low = project(grad, left, right)
     if maximize:
@@ -82,7 +89,7 @@ def lowrank_fira_update(
     # s_i·‖G_i − (RQ)_i‖ = s_i·sqrt(‖G_i‖² − ‖R_i‖²); rounding can make the difference slightly < 0.
     residual = channel_norms(grad, axis).square_().addcmul_(low_norms, low_norms, value=-1)
     residual = residual.clamp_min_(0).sqrt_().mul_(factors)
-    factors.mul_(limit_norm_growth(torch.linalg.vector_norm(residual), residual_norm, gamma))  # c·s
+    factors.mul_(limit_norm_growth(tensor_norm(residual, reduce_sum), residual_norm, gamma))  # c·s
     # direction is a fresh tensor: build scale·N − c·s⊙R in place (in fp32 math, stored in its dtype).
     inner = direction.mul_(scale).addcmul_(low, factors, value=-1)
     a, b = (inner, right) if side == "right" else (left, inner)

@@ -5,11 +5,17 @@ of the norm of the Adam direction N to the norm of the projected gradient R, per
 (the dimension that is not projected) or for the whole tensor, and both damp sudden growth of
 the resulting update with Fira's norm-growth limiter (Chen et al. 2024, arXiv:2410.01623, §4.3).
 All functions here are pure tensor code (no ``.item()``), so a CUDA step never syncs.
+
+**Row-sharded matrices (FSDP2, :mod:`lowmem.optim.sharded`).** A rank holds a block of rows and
+projects it on the right, so per-row (channel) norms are local, while a norm over the whole
+tensor spans every rank's rows: given ``reduce_sum`` (the sum of a tensor over the ranks), it is
+sqrt(reduce_sum(‖x_i‖²)), the norm of the whole matrix whose row block x_i is.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -35,11 +41,30 @@ def channel_axis(side: Side) -> int:
     raise ValueError(f"channel-wise scaling needs a one-sided projection, got side {side!r}")
 
 
-def channel_norms(x: Tensor, axis: int | None) -> Tensor:
-    """‖x‖ over ``axis`` (kept as a size-1 dim), or over everything when ``axis`` is None; fp32+."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
+#: The sum of a tensor over the ranks that hold the row blocks of one matrix (an all-reduce).
+ReduceSum = Callable[[Tensor], Tensor]
+
+
+def tensor_norm(x: Tensor, reduce_sum: ReduceSum | None = None) -> Tensor:
+    """‖x‖ over every element, 0-d, fp32+; with ``reduce_sum``, ‖X‖ of the matrix X whose row block x is.
+
+    The sharded form sums the ranks' squared norms, sqrt(Σ_k ‖x_k‖²): one all-reduce of a scalar.
+    """
+    norm = torch.linalg.vector_norm(x, dtype=torch.promote_types(x.dtype, torch.float32))
+    return norm if reduce_sum is None else reduce_sum(norm.square()).sqrt()
+
+
+def channel_norms(x: Tensor, axis: int | None, reduce_sum: ReduceSum | None = None) -> Tensor:
+    """‖x‖ over ``axis`` (kept as a size-1 dim), or over everything when ``axis`` is None; fp32+.
+
+    ``reduce_sum`` (x is a row block of a row-sharded matrix): a norm over everything spans the
+    ranks (:func:`tensor_norm`); a norm per row (``axis=1``) is local and needs none.
+    """
     if axis is None:
-        return torch.linalg.vector_norm(x, dtype=dtype)
+        return tensor_norm(x, reduce_sum)
+    if reduce_sum is not None and axis != 1:
+        raise ValueError(f"a row-sharded matrix has local channel norms along axis 1 only, got axis {axis}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
     return torch.linalg.vector_norm(x, dim=axis, keepdim=True, dtype=dtype)
 
 

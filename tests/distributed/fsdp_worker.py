@@ -41,7 +41,15 @@ from ddp_worker import (
 from gloo_launch import gloo_group
 
 from lowmem.memory import offload_activations
-from lowmem.optim import AdamW8bit, ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from lowmem.optim import (
+    APOLLO_MINI,
+    AdamW8bit,
+    ApolloAdamW,
+    FiraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+)
 
 F64, F32 = torch.float64, torch.float32
 RIGHT = {"rank": 2, "proj_type": "right", **GAP}
@@ -59,6 +67,25 @@ EXACT_CASES: dict[str, Case] = {
         set(),
     ),
     "fira_plain": (_linear(F64), F64, FiraAdamW, _all, ADAM, set()),
+    # Fira / APOLLO low-rank groups: norms over the whole matrix are all-reduced (optim/sharded.py).
+    "fira": (_linear(F64), F64, FiraAdamW, lambda m: _split(m, **RIGHT), ADAM, set()),
+    "apollo": (_linear(F64), F64, ApolloAdamW, lambda m: _split(m, **RIGHT), ADAM, set()),
+    "apollo_svd": (
+        _linear(F64),
+        F64,
+        ApolloAdamW,
+        lambda m: _split(m, **RIGHT, proj="svd", on_refresh="project"),
+        ADAM,
+        set(),
+    ),
+    "apollo_mini": (
+        _linear(F64),
+        F64,
+        ApolloAdamW,
+        lambda m: _split(m, **{**APOLLO_MINI, "proj_type": "right"}, **GAP),
+        ADAM,
+        set(),
+    ),
     "galore8bit": (
         _linear(F32),
         F32,
@@ -135,8 +162,6 @@ def refusals(mesh: Any) -> dict[str, str]:
     """The errors of unsupported sharded combinations (each must name what to do instead)."""
     out = {}
     attempts = {
-        "fira_lowrank": (FiraAdamW, lambda m: _split(m, **RIGHT)),
-        "apollo_lowrank": (ApolloAdamW, lambda m: _split(m, rank=2, **GAP)),
         "adafactor": (GaLoreAdafactor, _all),
         "proj_left": (GaLoreAdamW, lambda m: _split(m, rank=2, proj_type="left")),
     }
