@@ -44,6 +44,16 @@ Gradient norm and clipping in layer-wise mode
     bound of its full norm. ``max_grad_norm_per_param`` accumulates full gradients instead,
     which makes the norm exact.
 
+Data parallel (DDP, launched by torchrun or accelerate)
+    Every name works under the Trainer's DDP as in one process on the global batch. In layer-wise
+    mode :class:`LowmemTrainerMixin` moves the updates into a DDP communication hook
+    (:func:`lowmem.optim.register_layerwise_ddp_hook`) on the first training step, so each
+    parameter is updated from the gradient DDP averaged; the optimizer then takes
+    ``accumulation_steps=1`` (the Trainer accumulates in accelerate's ``no_sync``), and
+    ``TrainingArguments(ddp_find_unused_parameters=False)`` is required. DDP keeps every gradient
+    in its buckets, so layer-wise mode under DDP saves no gradient memory (see that module).
+    Layer-wise mode under FSDP or DeepSpeed is refused.
+
 Activation memory and layer conversions
     ``LowmemTrainer(..., activation_memory=ActivationMemory(checkpoint=True, offload=True))``
     recomputes each decoder layer in backward with its inputs in host memory
@@ -333,12 +343,34 @@ def _check_layerwise_args(args: TrainingArguments) -> None:
             "lowmem.hf: layer-wise updates run inside backward, before fp16's loss scaler can unscale the "
             "gradients; use bf16=True or drop layerwise"
         )
-    if args.world_size > 1 or args.deepspeed or args.fsdp:
+    if args.deepspeed or args.fsdp:
         raise ValueError(
-            "lowmem.hf: layer-wise updates under a distributed Trainer are not supported (the Trainer wraps "
-            "the model in DDP/FSDP/DeepSpeed, which reduce gradients after the update hooks ran); drop "
-            "layerwise, or train outside the Trainer with lowmem.optim.register_layerwise_ddp_hook"
+            "lowmem.hf: layer-wise updates under FSDP or DeepSpeed are not supported (they shard and reduce "
+            "gradients after the update hooks ran); drop layerwise, or train with plain data parallel (DDP)"
         )
+    if _data_parallel(args) and args.ddp_find_unused_parameters is not False:
+        raise ValueError(
+            "lowmem.hf: layer-wise updates under DDP run in DDP's communication hook, which would update "
+            "unused parameters from the zeros DDP fills in for them with find_unused_parameters=True (the "
+            "Trainer's default for a model without gradient checkpointing): set "
+            "TrainingArguments(ddp_find_unused_parameters=False)"
+        )
+
+
+def _data_parallel(args: TrainingArguments) -> bool:
+    """Whether the Trainer will wrap the model in DDP (several processes, neither FSDP nor DeepSpeed)."""
+    return args.world_size > 1 and not (args.deepspeed or args.fsdp)
+
+
+def _layerwise_accumulation_steps(args: TrainingArguments) -> int:
+    """The optimizer's ``accumulation_steps`` for the Trainer's ``gradient_accumulation_steps``.
+
+    One process: the optimizer counts the backward passes itself. Under DDP the Trainer runs all
+    but the last micro-batch of an update in accelerate's ``no_sync``, so the gradients add up in
+    ``.grad`` and the comm hook of the last backward sees their sum: the optimizer must update on
+    every backward it is handed (:func:`lowmem.optim.register_layerwise_ddp_hook`).
+    """
+    return 1 if _data_parallel(args) else args.gradient_accumulation_steps
 
 
 def optimizer_cls_and_kwargs(
@@ -355,8 +387,9 @@ def optimizer_cls_and_kwargs(
             parameters the Trainer decays: not biases, not norm weights), ``adam_beta1``,
             ``adam_beta2``, ``adam_epsilon`` (the AdamW family) and ``optim_target_modules``
             are honoured; layer-wise mode takes ``gradient_accumulation_steps`` as the
-            optimizer's ``accumulation_steps`` and needs ``max_grad_norm=0`` (see the module
-            docstring). For ``"galore_adafactor"``, as for the Trainer's ``optim="adafactor"``,
+            optimizer's ``accumulation_steps`` (1 under DDP), needs ``max_grad_norm=0`` and,
+            under DDP, ``ddp_find_unused_parameters=False`` (see the module docstring). For
+            ``"galore_adafactor"``, as for the Trainer's ``optim="adafactor"``,
             ``learning_rate`` is the step size (``relative_step=False, scale_parameter=False``
             unless passed as options).
         model: the model the Trainer will train; the param groups hold its parameters (build
@@ -426,7 +459,7 @@ def optimizer_cls_and_kwargs(
     if layerwise:
         _check_layerwise_args(args)
         kwargs["layerwise"] = True
-        kwargs["accumulation_steps"] = args.gradient_accumulation_steps
+        kwargs["accumulation_steps"] = _layerwise_accumulation_steps(args)
     return _trainer_class(spec.cls), kwargs
 
 
@@ -486,6 +519,9 @@ class LowmemTrainerMixin:
     - ``create_optimizer``: checks that a layer-wise optimizer matches the arguments the Trainer
       runs with (``gradient_accumulation_steps``, ``max_grad_norm=0``), which may have been
       changed after :func:`optimizer_cls_and_kwargs` was called;
+    - ``training_step``: under DDP, on the first step, hands a layer-wise optimizer's updates to
+      a DDP comm hook on the wrapped model (:func:`lowmem.optim.register_layerwise_ddp_hook`),
+      so they use the averaged gradients (a plain ``Trainer`` would update from each rank's own);
     - ``activation_memory=ActivationMemory(...)`` (keyword of the constructor): ``train`` turns
       lowmem's offloaded checkpointing on for its duration (and off after), and
       ``compute_loss_context_manager`` enters activation offload around each forward pass.
@@ -511,6 +547,7 @@ class LowmemTrainerMixin:
                 )
         self.activation_memory = activation_memory
         self._lowmem_offloader: Any = None
+        self._lowmem_ddp_model: nn.Module | None = None  # the DDP module whose comm hook updates
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         memory = self.activation_memory
@@ -555,14 +592,26 @@ class LowmemTrainerMixin:
         if stepper is not None:
             targs = self.args  # type: ignore[attr-defined]
             _check_layerwise_args(targs)
-            if stepper.options.accumulation_steps != targs.gradient_accumulation_steps:
+            if stepper.options.accumulation_steps != _layerwise_accumulation_steps(targs):
                 raise ValueError(
                     f"lowmem.hf: the layer-wise optimizer accumulates {stepper.options.accumulation_steps} "
                     f"backward passes per update but the Trainer runs gradient_accumulation_steps="
-                    f"{targs.gradient_accumulation_steps}; build optimizer_cls_and_kwargs from the same "
-                    "TrainingArguments the Trainer gets"
+                    f"{targs.gradient_accumulation_steps} (under DDP the optimizer must take 1); build "
+                    "optimizer_cls_and_kwargs from the same TrainingArguments the Trainer gets"
                 )
         return optimizer
+
+    def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        # The first moment both exist: the model as accelerate wrapped it (DDP) and the optimizer.
+        # Layer-wise updates then move into DDP's comm hook, after the gradients are averaged.
+        if self._lowmem_ddp_model is not model and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = unwrap_optimizer(getattr(self, "optimizer", None))
+            if getattr(inner, "_layerwise", None) is not None:
+                from lowmem.optim.layerwise_ddp import register_layerwise_ddp_hook
+
+                register_layerwise_ddp_hook(model, inner)
+                self._lowmem_ddp_model = model
+        return super().training_step(model, *args, **kwargs)  # type: ignore[misc]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         inner = unwrap_optimizer(getattr(self, "optimizer", None))

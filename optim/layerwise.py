@@ -207,6 +207,7 @@ class LayerwiseStepper:
         self._optimizer = weakref.ref(optimizer)
         self._handles: dict[int, RemovableHandle] = {}
         self._ddp_params: set[int] = set()  # updated by a DDP comm hook instead (layerwise_ddp.py)
+        self._checked_distributed = False
         self._locations: dict[int, tuple[int, int]] = {}
         self.lowrank_grads: dict[Tensor, Tensor] = {}
         # Params with a gradient accumulated in the open window but not applied yet (ordered,
@@ -279,6 +280,8 @@ class LayerwiseStepper:
         optimizer = self._optimizer()
         if optimizer is None or param.grad is None:
             return
+        if not self._checked_distributed:
+            self._check_not_silently_local(optimizer)
         located = self._locate(optimizer, param)
         if located is None:
             return
@@ -304,6 +307,28 @@ class LayerwiseStepper:
             # backward counts as a new micro-batch (this one still counts as one).
             self._root = None
             raise
+
+    def _check_not_silently_local(self, optimizer: LowRankOptimizer) -> None:
+        """Refuse to update from a rank's local gradient in a multi-process run.
+
+        Under DDP without :func:`~lowmem.optim.register_layerwise_ddp_hook`, or in any process
+        group without ``process_group=``, these hooks would run before any averaging and every
+        rank would drift apart silently.
+        """
+        self._checked_distributed = True
+        import torch.distributed as dist
+
+        if self.options.process_group is not None or not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"{type(optimizer).__name__} (layerwise=True) runs in a process group of "
+                f"{dist.get_world_size()} ranks, but its updates would use this rank's local gradient: "
+                "wrap the model in DistributedDataParallel and call "
+                "lowmem.optim.register_layerwise_ddp_hook(ddp_model, optimizer), or pass "
+                "process_group=torch.distributed.group.WORLD (for ranks that train independently, pass "
+                "process_group=torch.distributed.new_group([rank]))"
+            )
 
     def _enter_backward(self, name: str) -> None:
         """Recognize the start of a new backward pass (micro-batch) from autograd's graph-task id.

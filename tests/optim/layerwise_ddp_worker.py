@@ -116,6 +116,20 @@ def train_ddp(
     return {name: param.detach().clone() for name, param in net.named_parameters()}
 
 
+def refuses_local_update() -> bool:
+    """A layer-wise optimizer with neither process_group nor the DDP hook, in a 2-rank group,
+    must raise at its first hook instead of updating from the local gradient."""
+    p = init_params()
+    opt = make_optimizer(p, layerwise=True)
+    x, y = global_batch(0, 0)
+    loss = ((torch.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"] - y) ** 2).mean()
+    try:
+        loss.backward()
+    except RuntimeError as error:
+        return "local gradient" in str(error) and opt is not None
+    return False
+
+
 def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from gloo_launch import gloo_group
@@ -134,6 +148,7 @@ def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         }
         for name, (k, optimizer_cls) in DDP_CONFIGS.items():
             results[name] = train_ddp(k, optimizer_cls, rank=rank, world_size=world_size)
+        results["refused_local_update"] = torch.tensor(refuses_local_update())
         torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 

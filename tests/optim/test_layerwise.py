@@ -644,6 +644,8 @@ def test_data_parallel_two_processes_match_one_process(tmp_path: Path) -> None:
     expected = {name: train_shard(k) for name, k in CONFIGS.items()}
     expected |= {name: train_shard(k, optimizer_cls=cls) for name, (k, cls) in DDP_CONFIGS.items()}
     results = launch(Path(__file__).with_name("layerwise_ddp_worker.py"), tmp_path, timeout=120)
+    # Without process_group or the DDP hook, a 2-rank run refuses to update from local gradients.
+    assert all(bool(r.pop("refused_local_update")) for r in results)
     for name in [*CONFIGS, *DDP_CONFIGS]:
         for key, value in expected[name].items():
             assert torch.equal(results[0][name][key], results[1][name][key]), (name, key)
