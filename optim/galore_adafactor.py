@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lowmem.optim import sharded
 from lowmem.optim.functional.adafactor import (
     adafactor_update,
     compute_dtype,
@@ -154,6 +155,10 @@ class GaLoreAdafactor(LowRankOptimizer):
     (with ``relative_step=True`` the lr is internal, as in transformers; its
     ``AdafactorSchedule`` is not supported).
 
+    FSDP2 (``fully_shard``, row-sharded): low-rank groups (projected on the right) and plain
+    groups of 1-D and 2-D tensors follow the single-process update; the column means, mean(r) and
+    the RMS values are all-reduced over the ranks (:mod:`lowmem.optim.sharded`).
+
     Args:
         params: parameters or param groups (dicts); named parameters work too.
         lr: external learning rate; only with ``relative_step=False`` (then required).
@@ -256,6 +261,7 @@ class GaLoreAdafactor(LowRankOptimizer):
             state.get("exp_avg_sq_col"),
             state.get("exp_avg_sq"),
             self._first_moment(state, group, tuple(param.shape)),
+            reduce_sum=sharded.reduce_sum_of(self),  # FSDP2: whole-tensor statistics over the ranks
             **self._adafactor_hyper(group, state),
         )
 
@@ -279,6 +285,7 @@ class GaLoreAdafactor(LowRankOptimizer):
             state.get("proj_right"),
             moment_step=moment_step,
             scale=float(group["scale"]),
+            reduce_sum=sharded.reduce_sum_of(self),  # FSDP2: c, mean(r), RMS(U), RMS(W) over the ranks
             **self._adafactor_hyper(group, state),
         )
 
@@ -289,7 +296,12 @@ class GaLoreAdafactor(LowRankOptimizer):
         new: tuple[Tensor | None, Tensor | None],
     ) -> None:
         transport_factored_moments(
-            state["exp_avg_sq_row"], state["exp_avg_sq_col"], state.get("exp_avg"), old, new
+            state["exp_avg_sq_row"],
+            state["exp_avg_sq_col"],
+            state.get("exp_avg"),
+            old,
+            new,
+            reduce_sum=sharded.reduce_sum_of(self),  # FSDP2: mean(r) over every rank's rows
         )
 
     def _reset_moments(self, state: dict[str, Any]) -> None:
@@ -300,7 +312,8 @@ class GaLoreAdafactor(LowRankOptimizer):
     def _check_state(self, param: Tensor, group: dict[str, Any], side: Side | None, name: str) -> None:
         """The base checks one moment against the low-rank shape; ours are factored, so check both."""
         state = self.state[param]
-        shape = lowrank_shape(matrix_shape(param), group["rank"], side) if side else tuple(param.shape)
+        local = sharded.local_tensor(param)  # FSDP2: the state has the local rows' shapes
+        shape = lowrank_shape(matrix_shape(local), group["rank"], side) if side else tuple(local.shape)
         expected = (
             {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
             if len(shape) >= 2

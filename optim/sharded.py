@@ -46,9 +46,15 @@ each), so every rank computes the single-process factors. APOLLO's random projec
 depends only on n and a seed drawn from the *global* shape and ordinal, so it is the same on
 every rank and regenerated locally; its refresh sees the gathered gradient (non-finite check).
 
-GaLoreAdafactor (factored moments need column statistics over every rank's rows) is refused
-for sharded parameters (NotImplementedError naming the parameter), and so are layer-wise
-stepping and ``max_grad_norm_per_param`` (whose norm would be the local rows').
+**GaLoreAdafactor** (low-rank groups, right side, and plain groups of 1-D and 2-D tensors):
+R_k = G_k Qᵀ (or G_k itself, plain) is the row block k of R, so Adafactor's row statistics r
+are local; its column means c and mean(r) span every rank's rows (the local column sums, Σ r_k
+and m_k in one all-reduce of n + 2 numbers, divided by m), and RMS(U) for update clipping,
+RMS(W) for ``scale_parameter`` and mean(r) at a ``"project"`` refresh are whole-tensor
+(squared sums and counts all-reduced). Every rank then holds the single-process c and step
+size. Plain tensors of more than 2 dims are refused (NotImplementedError naming the parameter),
+and so are layer-wise stepping and ``max_grad_norm_per_param`` (whose norm would be the local
+rows'), for every optimizer.
 
 **Checkpoints.** The optimizer keeps plain local tensors in ``optimizer.state`` (the kernels
 take plain tensors); ``state_dict()`` wraps the state of sharded parameters into DTensors on the
@@ -205,6 +211,7 @@ def global_param(optimizer: Any, param: Tensor) -> Tensor:
 def _check_supported(optimizer: LowRankOptimizer, param: Tensor, side: str | None) -> None:
     from lowmem.optim.apollo_adamw import ApolloAdamW
     from lowmem.optim.fira_adamw import FiraAdamW
+    from lowmem.optim.galore_adafactor import GaLoreAdafactor
     from lowmem.optim.galore_adamw import GaLoreAdamW  # lazy: galore_adamw imports the base class
     from lowmem.optim.lowrank_adam import AdamLowRankOptimizer
 
@@ -222,12 +229,21 @@ def _check_supported(optimizer: LowRankOptimizer, param: Tensor, side: str | Non
         )
     if side is None and isinstance(optimizer, AdamLowRankOptimizer):
         return  # element-wise AdamW on the local rows
-    if side is not None and isinstance(optimizer, (GaLoreAdamW, FiraAdamW, ApolloAdamW)):
+    if side is not None and isinstance(optimizer, (GaLoreAdamW, FiraAdamW, ApolloAdamW, GaLoreAdafactor)):
         return
+    if side is None and isinstance(optimizer, GaLoreAdafactor):
+        if param.dim() <= 2:
+            return  # factored over the rows (column means all-reduced) or element-wise (1-D)
+        raise NotImplementedError(
+            f"{what} in a plain group: sharded Adafactor factors matrices and vectors only, not "
+            f"{param.dim()}-D tensors; put this parameter in a low-rank group (rank < min(m, n)), "
+            "or use an Adam-family optimizer for it, or GaLoreAdafactor under DistributedDataParallel"
+        )
     raise NotImplementedError(
         f"{what} in a {'low-rank' if side else 'plain'} group: {name} needs statistics over the whole "
         "matrix (factored moments) that are not implemented across ranks yet; use "
-        "GaLoreAdamW / GaLoreAdamW8bit / FiraAdamW / ApolloAdamW for sharded low-rank groups, "
+        "GaLoreAdamW / GaLoreAdamW8bit / FiraAdamW / ApolloAdamW / GaLoreAdafactor for sharded "
+        "low-rank groups, "
         "any Adam-family optimizer for sharded plain groups, or this optimizer under "
         "DistributedDataParallel"
     )

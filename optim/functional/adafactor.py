@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lowmem._ops import dispatch
+from lowmem.optim.functional.scaling import ReduceSum
 from lowmem.optim.projector import project
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -49,11 +50,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def rms(tensor: Tensor) -> Tensor:
-    """Root mean square ``‖x‖₂ / sqrt(numel)`` as a 0-d tensor (fp32 for low-precision input)."""
+def rms(tensor: Tensor, reduce_sum: ReduceSum | None = None) -> Tensor:
+    """Root mean square ``‖x‖₂ / sqrt(numel)`` as a 0-d tensor (fp32 for low-precision input).
+
+    ``reduce_sum`` (``tensor`` is a row block of a row-sharded FSDP2 tensor, :mod:`lowmem.optim.sharded`):
+    the RMS of the whole tensor, sqrt(Σ_k ‖x_k‖²) / sqrt(Σ_k numel_k), one all-reduce of two scalars.
+    """
     dtype = compute_dtype(tensor.dtype)
     norm = torch.linalg.vector_norm(tensor, dtype=dtype if dtype != tensor.dtype else None)
-    return norm / (tensor.numel() ** 0.5)
+    if reduce_sum is None:
+        return norm / (tensor.numel() ** 0.5)
+    total = reduce_sum(torch.stack([norm.square(), norm.new_tensor(float(tensor.numel()))]))
+    return total[0].sqrt() / total[1].sqrt()
+
+
+def _whole_mean(x: Tensor, reduce_sum: ReduceSum | None) -> Tensor:
+    """mean(x) as a 0-d tensor; with ``reduce_sum``, the mean over every rank's elements of x."""
+    if reduce_sum is None:
+        return x.mean()
+    total = reduce_sum(torch.stack([x.sum(), x.new_tensor(float(x.numel()))]))
+    return total[0] / total[1]
 
 
 def adafactor_step_size(
@@ -65,6 +81,7 @@ def adafactor_step_size(
     relative_step: bool,
     warmup_init: bool,
     scale_parameter: bool,
+    reduce_sum: ReduceSum | None = None,
 ) -> float | Tensor:
     """α_t: the step size of Adafactor step ``step`` (1-based) for the weight before the update.
 
@@ -72,6 +89,7 @@ def adafactor_step_size(
     instead of ``lr``; ``scale_parameter`` multiplies by max(eps2, RMS(weight)) (section 8 of the
     paper). Returns a Python float, or a 0-d tensor in :func:`compute_dtype` of the weight when
     the parameter scale wins: the same value, rounded the same way, as transformers' Adafactor.
+    ``reduce_sum``: ``weight`` is a row block of a sharded weight; RMS over the whole weight.
     """
     if relative_step:
         min_step = 1e-6 * step if warmup_init else 1e-2
@@ -80,7 +98,7 @@ def adafactor_step_size(
         relative = float(lr) if isinstance(lr, Tensor) else lr  # type: ignore[assignment]
     if not scale_parameter:
         return relative
-    weight_rms = rms(weight)
+    weight_rms = rms(weight, reduce_sum)
     # max(eps2, rms) written out: the tensor product rounds in the weight's compute dtype.
     return weight_rms * relative if bool(weight_rms > eps2) else eps2 * relative
 
@@ -90,13 +108,30 @@ def beta2_at(step: int, decay_rate: float) -> float:
     return 1.0 - math.pow(step, decay_rate)
 
 
-def _factored_direction(grad: Tensor, row: Tensor, col: Tensor, beta2: float, eps1: float) -> Tensor:
-    """Update the factored EMA of grad² + eps1 in place and return grad / sqrt(V̂), a new tensor."""
+def _factored_direction(
+    grad: Tensor, row: Tensor, col: Tensor, beta2: float, eps1: float, reduce_sum: ReduceSum | None = None
+) -> Tensor:
+    """Update the factored EMA of grad² + eps1 in place and return grad / sqrt(V̂), a new tensor.
+
+    ``reduce_sum`` (``grad`` is the row block G_k, m_k×n, of a row-sharded m×n matrix): the row
+    statistics are the rank's own; the column means and mean(r) span every rank's rows, so the
+    local column sums, Σ r_k and m_k go through one all-reduce of n + 2 numbers and are divided
+    by m. Every rank then holds the same c, as one process would.
+    """
     squared = grad**2 + eps1
     row.mul_(beta2).add_(squared.mean(dim=-1), alpha=1.0 - beta2)
-    col.mul_(beta2).add_(squared.mean(dim=-2), alpha=1.0 - beta2)
+    if reduce_sum is None:
+        col_mean = squared.mean(dim=-2)
+        row_mean = row.mean(dim=-1, keepdim=True)
+    else:
+        if grad.dim() != 2:
+            raise ValueError(f"a row-sharded factored moment needs a matrix, got shape {tuple(grad.shape)}")
+        local = torch.cat([squared.sum(dim=0), row.sum().reshape(1), row.new_tensor([float(grad.shape[0])])])
+        total = reduce_sum(local)
+        col_mean, row_mean = total[:-2] / total[-1], total[-2:-1] / total[-1]
+    col.mul_(beta2).add_(col_mean, alpha=1.0 - beta2)
     # sqrt(V̂) factors: rsqrt(r / mean(r)) per row times rsqrt(c) per column.
-    row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+    row_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
     col_factor = col.unsqueeze(-2).rsqrt()
     return torch.mul(row_factor, col_factor).mul_(grad)
 
@@ -114,9 +149,13 @@ def _clip_and_scale(
     step_size: float | Tensor,
     exp_avg: Tensor | None,
     beta1: float | None,
+    reduce_sum: ReduceSum | None = None,
 ) -> Tensor:
-    """U / max(1, RMS(U)/d) · α, then the optional first-moment EMA; returns the final update."""
-    update.div_((rms(update) / clip_threshold).clamp_(min=1.0))
+    """U / max(1, RMS(U)/d) · α, then the optional first-moment EMA; returns the final update.
+
+    ``reduce_sum``: U is a row block of a sharded update; RMS(U) over the whole update.
+    """
+    update.div_((rms(update, reduce_sum) / clip_threshold).clamp_(min=1.0))
     update.mul_(step_size)
     if exp_avg is not None and beta1 is not None:
         exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
@@ -143,6 +182,7 @@ def adafactor_update(
     relative_step: bool,
     warmup_init: bool,
     maximize: bool = False,
+    reduce_sum: ReduceSum | None = None,
 ) -> None:
     """One Adafactor step for one tensor, in place; ``transformers.optimization.Adafactor`` bitwise.
 
@@ -157,6 +197,9 @@ def adafactor_update(
         eps: (eps1 added to grad², eps2 the floor of the parameter scale).
         weight_decay: decoupled, multiplied by α_t (the full step size), applied before the update.
         maximize: ascend instead (an extension; transformers' Adafactor has no such option).
+        reduce_sum: for the row block (dim 0) of a row-sharded FSDP2 tensor of 1 or 2 dims, the sum
+            over the ranks (:func:`lowmem.optim.sharded.reduce_sum_of`): RMS(W), RMS(U) and, for
+            a matrix, the column means and mean(r) then span the whole tensor; None: one process.
     """
     weight = param.float() if param.dtype in _LOW_PRECISION else param
     grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
@@ -170,14 +213,15 @@ def adafactor_update(
         relative_step=relative_step,
         warmup_init=warmup_init,
         scale_parameter=scale_parameter,
+        reduce_sum=reduce_sum,
     )
     beta2 = beta2_at(step, decay_rate)
     if exp_avg_sq_row is not None and exp_avg_sq_col is not None:
-        update = _factored_direction(grad, exp_avg_sq_row, exp_avg_sq_col, beta2, eps[0])
+        update = _factored_direction(grad, exp_avg_sq_row, exp_avg_sq_col, beta2, eps[0], reduce_sum)
     else:
         assert exp_avg_sq is not None, "unfactored Adafactor needs exp_avg_sq"
-        update = _full_direction(grad, exp_avg_sq, beta2, eps[0])
-    update = _clip_and_scale(update, clip_threshold, step_size, exp_avg, beta1)
+        update = _full_direction(grad, exp_avg_sq, beta2, eps[0])  # element-wise: local
+    update = _clip_and_scale(update, clip_threshold, step_size, exp_avg, beta1, reduce_sum)
     if weight_decay != 0:
         weight.add_(weight, alpha=-weight_decay * step_size)
     weight.add_(-update)
@@ -207,6 +251,7 @@ def lowrank_adafactor_update(
     warmup_init: bool,
     scale: float,
     maximize: bool = False,
+    reduce_sum: ReduceSum | None = None,
 ) -> None:
     """One GaLore-Adafactor step for one m×n weight, in place.
 
@@ -235,7 +280,12 @@ def lowrank_adafactor_update(
         exp_avg: first moment in R's shape, or None.
         left, right: the basis P (m×r) and/or Q (r×n), see :mod:`lowmem.optim.projector`.
         scale: multiplies the back-projected update (galore-torch's ``scale``).
+        reduce_sum: for the row block W_k (m_k×n) of a row-sharded FSDP2 weight, projected on the
+            right (``left`` None): R_k = G_k Qᵀ is the row block k of R, so r is local, and c,
+            mean(r), RMS(U) and RMS(W) are summed over the ranks (see :func:`adafactor_update`).
     """
+    if reduce_sum is not None and left is not None:
+        raise ValueError("a row-sharded weight is projected on the right (left basis must be None)")
     work = compute_dtype(weight.dtype)
     low = project(grad, left, right).to(work)
     if maximize:
@@ -248,11 +298,12 @@ def lowrank_adafactor_update(
         relative_step=relative_step,
         warmup_init=warmup_init,
         scale_parameter=scale_parameter,
+        reduce_sum=reduce_sum,
     )
     update = _factored_direction(
-        low, exp_avg_sq_row, exp_avg_sq_col, beta2_at(moment_step, decay_rate), eps[0]
+        low, exp_avg_sq_row, exp_avg_sq_col, beta2_at(moment_step, decay_rate), eps[0], reduce_sum
     )
-    update = _clip_and_scale(update, clip_threshold, step_size, exp_avg, beta1)
+    update = _clip_and_scale(update, clip_threshold, step_size, exp_avg, beta1, reduce_sum)
     step_value = float(step_size)
     # Factors in the compute dtype (fp32 for a low-precision weight: lowrank_update accepts that).
     left = left.to(work) if left is not None else None
@@ -274,6 +325,7 @@ def transport_factored_moments(
     exp_avg: Tensor | None,
     old: tuple[Tensor | None, Tensor | None],
     new: tuple[Tensor | None, Tensor | None],
+    reduce_sum: ReduceSum | None = None,
 ) -> None:
     """Carry Adafactor's factored moments from the old GaLore basis into the new one, in place.
 
@@ -294,11 +346,15 @@ def transport_factored_moments(
     Args:
         exp_avg_sq_row: (R.shape[0],), exp_avg_sq_col: (R.shape[1],), exp_avg: R's shape or None.
         old, new: (P, Q) before and after the refresh (None for the side not projected).
+        reduce_sum: the row block of a row-sharded weight (right bases only): mean(r) and mean(a)
+            span every rank's rows.
     """
+    if reduce_sum is not None and (old[0] is not None or new[0] is not None):
+        raise ValueError("a row-sharded weight is projected on the right (left bases must be None)")
     work = torch.promote_types(exp_avg_sq_row.dtype, torch.float32)
     row = exp_avg_sq_row.to(work)
     col = exp_avg_sq_col.to(work)
-    grand_mean = row.mean().clamp_min(torch.finfo(work).tiny)
+    grand_mean = _whole_mean(row, reduce_sum).clamp_min(torch.finfo(work).tiny)
     moment = exp_avg.to(work) if exp_avg is not None else None
     old_left, old_right = old
     new_left, new_right = new
@@ -310,7 +366,7 @@ def transport_factored_moments(
         turn = new_left.to(work).t() @ old_left.to(work)
         row = turn.square() @ row
         moment = turn @ moment if moment is not None else None
-    row_mean, col_mean = row.mean(), col.mean()
+    row_mean, col_mean = _whole_mean(row, reduce_sum), col.mean()
     exp_avg_sq_row.copy_(row * (col_mean / grand_mean))
     exp_avg_sq_col.copy_(col * (row_mean / grand_mean))
     if exp_avg is not None and moment is not None:

@@ -53,6 +53,7 @@ from lowmem.optim import (
 
 F64, F32 = torch.float64, torch.float32
 RIGHT = {"rank": 2, "proj_type": "right", **GAP}
+ADAFACTOR_LR = {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "weight_decay": 0.1}
 # name -> the fields of ddp_worker.Case: (layer factory, param dtype, optimizer class, groups(model),
 # optimizer kwargs, flags). proj_type="right": the side FSDP projects a row-sharded weight on, so one
 # process computes the same update.
@@ -86,6 +87,33 @@ EXACT_CASES: dict[str, Case] = {
         ADAM,
         set(),
     ),
+    # GaLoreAdafactor: column means, mean(r), RMS(U), RMS(W) are all-reduced (optim/sharded.py);
+    # the plain group holds the sharded biases (element-wise moment, whole-tensor RMS).
+    "adafactor_lr": (
+        _linear(F64),
+        F64,
+        GaLoreAdafactor,
+        lambda m: _split(m, **RIGHT),
+        {**ADAFACTOR_LR, "beta1": None},
+        set(),
+    ),
+    "adafactor_scaled_beta1": (
+        _linear(F64),
+        F64,
+        GaLoreAdafactor,
+        lambda m: _split(m, **RIGHT),
+        {"beta1": 0.9, "weight_decay": 0.1},  # relative_step and scale_parameter: the defaults
+        set(),
+    ),
+    "adafactor_reset_svd": (
+        _linear(F64),
+        F64,
+        GaLoreAdafactor,
+        lambda m: _split(m, **RIGHT, on_refresh="reset", projector="svd"),
+        {**ADAFACTOR_LR, "beta1": 0.9, "clip_threshold": 0.5},
+        set(),
+    ),
+    "adafactor_plain": (_linear(F64), F64, GaLoreAdafactor, _all, {"beta1": None}, set()),
     "galore8bit": (
         _linear(F32),
         F32,
@@ -160,20 +188,21 @@ def train_exact_reference(name: str, world_size: int = 2) -> dict[str, torch.Ten
 
 def refusals(mesh: Any) -> dict[str, str]:
     """The errors of unsupported sharded combinations (each must name what to do instead)."""
+    from torch.distributed.fsdp import fully_shard
+
     out = {}
     attempts = {
-        "adafactor": (GaLoreAdafactor, _all),
+        # a 3-D (conv) weight in a plain Adafactor group: factored over its last two dims only
+        "adafactor_conv": (GaLoreAdafactor, _all),
         "proj_left": (GaLoreAdamW, lambda m: _split(m, rank=2, proj_type="left")),
     }
     for name, (optimizer_cls, groups) in attempts.items():
         torch.manual_seed(0)
-        model = TwoLayer(_linear(F64))
-        from torch.distributed.fsdp import fully_shard
-
+        conv = optimizer_cls is GaLoreAdafactor
+        model = nn.Conv1d(4, 6, 3, dtype=F64) if conv else TwoLayer(_linear(F64))
         fully_shard(model, mesh=mesh)
-        kwargs = {"lr": 1e-2, "relative_step": False} if optimizer_cls is GaLoreAdafactor else ADAM
-        opt = optimizer_cls(groups(model), **kwargs)
-        x, y = batch(0, F64)
+        opt = optimizer_cls(groups(model), **(ADAFACTOR_LR if conv else ADAM))
+        x, y = (torch.randn(2, 4, 5, dtype=F64), 0.0) if conv else batch(0, F64)
         ((model(x) - y) ** 2).mean().backward()
         try:
             opt.step()

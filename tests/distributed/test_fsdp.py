@@ -79,7 +79,7 @@ def test_fsdp_dcp_checkpoint_resumes_bit_for_bit(fsdp_results: list[dict]) -> No
 @pytest.mark.parametrize(
     ("case", "needle"),
     [
-        ("adafactor", "GaLoreAdafactor"),
+        ("adafactor_conv", "3-D"),
         ("proj_left", "proj_type"),
     ],
 )
