@@ -359,6 +359,12 @@ def adamw8bit_ref(
 # ---------------------------------------------------------------------------------------------
 
 
+def check_equal_lengths(op: str, lists: list[list[Tensor]]) -> None:
+    """The six per-parameter lists of a multi-tensor 8-bit step must have one length."""
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError(f"{op}: the lists have lengths {[len(x) for x in lists]}; they must be equal")
+
+
 def _for_each(
     fn: Callable[..., None],
     params: list[Tensor],
@@ -370,10 +376,7 @@ def _for_each(
     **hyper: Any,
 ) -> None:
     lists = [params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
-    if len({len(x) for x in lists}) != 1:
-        raise ValueError(
-            f"adamw8bit_multi: the lists have lengths {[len(x) for x in lists]}; they must be equal"
-        )
+    check_equal_lengths("adamw8bit_multi", lists)
     for tensors in zip(*lists, strict=True):
         fn(*tensors, **hyper)
 

@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from lowmem.kernels._cpp import load_cpp_op
-from lowmem.kernels.adamw8bit import adamw8bit_scalars, check_adamw8bit_args, contiguous_views, copy_back
+from lowmem.kernels.adamw8bit import (
+    adamw8bit_scalars,
+    check_adamw8bit_args,
+    check_equal_lengths,
+    contiguous_views,
+    copy_back,
+)
 from lowmem.kernels.blockwise_quant import LUT_KEY_OFFSET, order_key, quantization_tables
 
 __all__ = ["SEARCH_GUARD", "adamw8bit_cpu", "adamw8bit_cpu_multi", "search_table"]
@@ -172,9 +178,7 @@ def adamw8bit_cpu_multi(
     of all of them: a step over many small tensors saves an op call and a parallel region per
     tensor. The results equal one :func:`adamw8bit_cpu` call per tensor, bit for bit."""
     lists = [params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
-    if len({len(x) for x in lists}) != 1:
-        lengths = [len(x) for x in lists]
-        raise ValueError(f"adamw8bit_cpu_multi: the lists have lengths {lengths}; they must be equal")
+    check_equal_lengths("adamw8bit_cpu_multi", lists)
     flat: list[list[Tensor]] = [[] for _ in lists]
     copied: list[tuple[list[Tensor], list[Tensor]]] = []
     for originals in zip(*lists, strict=True):

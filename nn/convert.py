@@ -46,13 +46,18 @@ _REGEX_CHARS = set("*+?[](){}|^$\\")
 def _name_matches(name: str, pattern: str) -> bool:
     if name == pattern or name.rsplit(".", 1)[-1] == pattern:
         return True
-    if _REGEX_CHARS & set(pattern):
-        try:
-            if re.fullmatch(pattern, name):
-                return True
-        except re.error:
-            pass  # not a regex after all: fall through to the substring rule
+    if _REGEX_CHARS & set(pattern) and _full_regex_match(pattern, name):
+        return True
     return pattern in name
+
+
+def _full_regex_match(pattern: str, name: str) -> bool:
+    """``re.fullmatch`` of ``pattern`` on ``name``; a pattern that is not a valid regex (``"a["``)
+    matches nothing here, and the substring rule decides."""
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
 
 
 def _is_output_head(name: str) -> bool:

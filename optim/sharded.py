@@ -95,9 +95,14 @@ __all__ = [
 RIGHT_PROJ_TYPES = ("std", "reverse_std", "right")
 
 
+#: Types that are never DTensors: the common case of every optimizer step, answered without
+#: touching torch.distributed (is_dtensor runs several times per parameter per step).
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(tensor: Any) -> bool:
     """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter or gradient)."""
-    if type(tensor) is Tensor or not isinstance(tensor, Tensor) or not torch.distributed.is_available():
+    if type(tensor) in _PLAIN_TYPES or not isinstance(tensor, Tensor) or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor  # cached after the first call
 

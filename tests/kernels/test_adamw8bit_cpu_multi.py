@@ -51,3 +51,15 @@ def test_multi_tensor_step_equals_single_tensor_steps(dtype: torch.dtype) -> Non
         for a, b in zip(st, single, strict=True):
             assert torch.equal(a, b)
     assert not torch.equal(params[3], torch.zeros_like(params[3]))
+
+
+def test_multi_ops_reject_lists_of_different_lengths() -> None:
+    from lowmem.kernels.adamw8bit import adamw8bit_multi_ref
+
+    p = torch.zeros(300)
+    m, m_max = blockwise_zeros(p.shape, True, p.device)
+    v, v_max = blockwise_zeros(p.shape, False, p.device)
+    hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "step": 1.0}
+    for fn in (adamw8bit_multi_ref, cpu_op.adamw8bit_cpu_multi):
+        with pytest.raises(ValueError, match=r"lists have lengths \[2, 1, 1, 1, 1, 1\]"):
+            fn([p, p.clone()], [p], [m], [m_max], [v], [v_max], **hyper)
