@@ -305,13 +305,6 @@ register_op(
     ref="lowmem.kernels.int8_matmul:int8_matmul_ref",
     triton="lowmem.kernels.int8_matmul:int8_matmul",
 )
-# fp8 GEMM: cuBLASLt through torch._scaled_mm is the CUDA implementation (a vendor op, not one of
-# csrc/; on GPUs without fp8 tensor cores it runs the reference); the reference upcasts to fp32.
-register_op(
-    "fp8_matmul",
-    ref="lowmem.kernels.fp8_matmul:fp8_matmul_ref",
-    cuda="lowmem.kernels.fp8_matmul:fp8_matmul_scaled_mm",
-)
 # SLTrain's W = scale * B @ A + S (Han et al. 2024): built tile by tile by one Triton kernel on
 # CUDA; on CPU the reference (one addmm into a fresh buffer, then index_add_ of the sparse values)
 # is what we measured fastest, so there is no C++ op (lowmem/kernels/sparse_low_rank.py).
@@ -330,4 +323,27 @@ register_op(
     ref="lowmem.kernels.sparse_low_rank:sparse_low_rank_linear",
     cpp="lowmem.kernels.sparse_low_rank_cpu:sparse_low_rank_linear_cpu",
     dtypes={"cpp": (torch.float32, torch.float64)},
+)
+# fp8 (lowmem/nn/low_precision.py). CUDA: the faster of torch._scaled_mm and the Triton fp8 GEMM, measured
+# once per problem bucket (lowmem/kernels/fp8_matmul_select.py); LOWMEM_BACKEND=cuda there means
+# cuBLASLt only, =triton the Triton kernel. CPU: the fp32 emulation. Quantizers: absmax + scale +
+# cast fused in Triton on CUDA, torch's elementwise ops on CPU (bit-identical results).
+register_op(
+    "fp8_matmul",
+    ref="lowmem.kernels.fp8_matmul:fp8_matmul_ref",
+    triton="lowmem.kernels.fp8_matmul_triton:fp8_matmul",
+    cuda="lowmem.kernels.fp8_matmul_select:fp8_matmul_fastest",
+    prefer={"cuda": ("cuda", "triton", "ref")},
+)
+register_op(
+    "quantize_fp8",
+    ref="lowmem.kernels.fp8_quantize:quantize_fp8",
+    triton="lowmem.kernels.fp8_quantize_triton:quantize_fp8_triton",
+    dtypes={"triton": _LOW_PRECISION_AND_FP32},
+)
+register_op(
+    "quantize_fp8_delayed",
+    ref="lowmem.kernels.fp8_quantize:quantize_fp8_delayed_ref",
+    triton="lowmem.kernels.fp8_quantize_triton:quantize_fp8_delayed_triton",
+    dtypes={"triton": _LOW_PRECISION_AND_FP32},
 )

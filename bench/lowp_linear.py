@@ -7,9 +7,14 @@ linear layer (default 4096 x 4096 at 8192 tokens on CUDA) for:
 - ``int8``: :class:`lowmem.nn.LowPrecisionLinear` int8 (forward and dX in int8, dW in the
   baseline dtype, SwitchBack's split), and ``int8+dW`` (dW in int8 too);
 - ``fp8-tensor`` / ``fp8-row``: e4m3 forward, e5m2 gradients, tensor-wise or row-wise scales;
+- ``fp8-delayed``: tensor-wise scales from an amax history (no absmax pass before each cast);
 
-plus GEMM-only rows (``torch.mm`` in the baseline dtype, the Triton int8 GEMM, ``torch._scaled_mm``
-e4m3) and the int8 row-wise quantizer, so a GPU run shows where the layer's time goes.
+plus GEMM-only rows (``torch.mm`` in the baseline dtype, the Triton int8 GEMM, and on fp8 GPUs
+``torch._scaled_mm`` next to the Triton fp8 GEMM, tensor-wise and row-wise e4m3, the ``speedup``
+column relative to the ``mm`` row) and the int8 / fp8 quantizers (GB/s), so a GPU run shows where
+the layer's time goes. The fp8 layers use whichever of ``torch._scaled_mm`` and the Triton GEMM
+measured faster per problem size (:mod:`lowmem.kernels.fp8_matmul_select`); the run prints the
+measurements behind that choice.
 
 Columns: median ms (after warm-up, CUDA events around back-to-back calls), achieved TOPS
 (``2*M*N*K`` per GEMM, three GEMMs for forward+backward), the peak the row's GEMM mix could reach
@@ -39,7 +44,8 @@ from torch import nn
 from lowmem._ops import choose_backend, dispatch
 from lowmem.bench.micro import median_ms
 from lowmem.kernels.fp8_matmul import fp8_supported, scaled_mm_fallbacks
-from lowmem.kernels.fp8_quantize import quantize_fp8
+from lowmem.kernels.fp8_matmul_select import fp8_matmul_choices
+from lowmem.kernels.fp8_quantize_triton import quantize_fp8_bytes
 from lowmem.kernels.int8_matmul import int8_matmul_ops
 from lowmem.kernels.quantize import quantize_bytes
 from lowmem.nn.convert_low_precision import LowPrecisionReport, convert_to_low_precision
@@ -62,6 +68,7 @@ LAYERS: dict[str, tuple[dict, tuple[str, str, str]]] = {
     "int8+dW": ({"precision": "int8", "quantize_weight_grad": True}, ("int8", "int8", "int8")),
     "fp8-tensor": ({"precision": "fp8", "scaling": "tensor"}, ("fp8", "fp8", "bf16")),
     "fp8-row": ({"precision": "fp8", "scaling": "row"}, ("fp8", "fp8", "bf16")),
+    "fp8-delayed": ({"precision": "fp8", "scaling": "delayed"}, ("fp8", "fp8", "bf16")),
 }
 
 
@@ -119,7 +126,7 @@ def _layer_backend(name: str, device: torch.device) -> str:
         return choose_backend("int8_matmul", device)
     if not fp8_supported(device):
         return "emulated (no fp8 tensor cores)"
-    return "torch._scaled_mm"
+    return {"cuda": "fastest: _scaled_mm|triton"}.get(choose_backend("fp8_matmul", device), "triton")
 
 
 def run(
@@ -197,17 +204,7 @@ def _gemm_rows(
         ),
     ]
     if fp8_supported(device):
-        xf, xfs = quantize_fp8(x, torch.float8_e4m3fn)
-        wf, wfs = quantize_fp8(w.detach(), torch.float8_e4m3fn)
-        wf_cm = wf.contiguous().t()  # (K, N) column-major, as cuBLASLt wants it
-        cases.append(
-            (
-                "_scaled_mm e4m3",
-                "torch",
-                lambda: torch._scaled_mm(xf, wf_cm, scale_a=xfs, scale_b=wfs, out_dtype=x.dtype),
-                "fp8",
-            )
-        )
+        cases += _fp8_gemm_cases(x, w, device)
     rows: list[Row] = []
     base_ms = None
     with torch.no_grad():
@@ -239,7 +236,39 @@ def _gemm_rows(
                 choose_backend("quantize_int8", device), ms, None, peaks.get("gbs"),
                 gbs / peaks["gbs"] if "gbs" in peaks else None, gbs, None, None)
         )  # fmt: skip
+        quantize_fp8 = dispatch("quantize_fp8", device, x.dtype)
+        for dim, label in ((None, "tensor"), (1, "per row")):
+            ms = median_ms(lambda dim=dim: quantize_fp8(x, torch.float8_e4m3fn, dim), device, **timing)
+            gbs = quantize_fp8_bytes(x.shape[0], x.shape[1], x.element_size(), dim) / (ms * 1e-3) / 1e9
+            rows.append(
+                Row(f"quantize_fp8 (x, {label})", "quantize", f"{x.shape[0]}x{x.shape[1]}",
+                    choose_backend("quantize_fp8", device, x.dtype), ms, None, peaks.get("gbs"),
+                    gbs / peaks["gbs"] if "gbs" in peaks else None, gbs, None, None)
+            )  # fmt: skip
     return rows
+
+
+def _fp8_gemm_cases(x: torch.Tensor, w: torch.Tensor, device: torch.device) -> list:
+    """``torch._scaled_mm`` and the Triton fp8 GEMM on the same e4m3 operands, tensor-wise and
+    row-wise scales (the operand layouts each wants prepared outside the timed call)."""
+    from lowmem.kernels.fp8_matmul_triton import fp8_matmul as triton_fp8
+
+    quantize = dispatch("quantize_fp8", device, x.dtype)
+    cases = []
+    for label, dim in (("tensor", None), ("row", 1)):
+        xf, xfs = quantize(x, torch.float8_e4m3fn, dim)
+        wf, wfs = quantize(w.detach(), torch.float8_e4m3fn, dim)
+        wf_cm, wfs_t = wf.t(), wfs.t()  # (K, N) column-major, as cuBLASLt wants it
+
+        def scaled_mm(xf=xf, xfs=xfs, wf_cm=wf_cm, wfs_t=wfs_t) -> object:
+            return torch._scaled_mm(xf, wf_cm, scale_a=xfs, scale_b=wfs_t.contiguous(), out_dtype=x.dtype)
+
+        def triton(xf=xf, xfs=xfs, wf_cm=wf_cm, wfs_t=wfs_t) -> object:
+            return triton_fp8(xf, wf_cm, xfs, wfs_t, None, x.dtype)
+
+        cases.append((f"_scaled_mm e4m3 {label}", "torch", scaled_mm, "fp8"))
+        cases.append((f"fp8_matmul e4m3 {label}", "triton", triton, "fp8"))
+    return cases
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -295,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if scaled_mm_fallbacks():
         print(f"torch._scaled_mm fell back to the emulation for: {scaled_mm_fallbacks()}")
+    for key, measured in fp8_matmul_choices().items():
+        print(f"fp8 GEMM choice for bucket {key}: {measured}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

@@ -3,11 +3,11 @@
 fp8 training (Micikevicius et al. 2022, "FP8 Formats for Deep Learning"; torchao float8; survey
 "Low-precision training of large language models", 2025): operands are cast to
 ``float8_e4m3fn`` (forward) or ``float8_e5m2`` (gradients) after absmax scaling
-(:func:`lowmem.kernels.quantize.quantize_fp8`), multiplied on fp8 tensor cores with fp32
+(:func:`lowmem.kernels.fp8_quantize.quantize_fp8`), multiplied on fp8 tensor cores with fp32
 accumulation, and the scales applied to the output. Scales are tensor-wise (shape ``()``) or
 row-wise (``scale_a`` (M, 1), ``scale_b`` (1, N)), the two layouts ``torch._scaled_mm`` takes.
 
-Two implementations:
+Implementations (the ``fp8_matmul`` op in :mod:`lowmem._ops`):
 
 ``fp8_matmul_ref`` (any device)
     Upcasts both fp8 operands to fp32 (exact) and runs an fp32 GEMM, then scales. A product of
@@ -20,6 +20,10 @@ Two implementations:
     If cuBLASLt rejects a combination (e.g. row-wise scales with an e5m2 operand on some torch
     versions), it warns once per combination and uses the reference for it, so a run is slower
     but never wrong; ``lowmem.bench.lowp_linear`` prints which path ran.
+``lowmem.kernels.fp8_matmul_triton.fp8_matmul`` (Triton; CPU tensors under the interpreter)
+    The same contract as one Triton kernel with the scales and bias in its epilogue.
+``lowmem.kernels.fp8_matmul_select.fp8_matmul_fastest`` (CUDA, the automatic choice)
+    Whichever of the two above measured faster for the problem's size bucket.
 """
 
 from __future__ import annotations

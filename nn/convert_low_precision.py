@@ -69,6 +69,7 @@ def convert_to_low_precision(
     target_modules: str | Sequence[str] | None = None,
     scaling: str | None = None,
     quantize_weight_grad: bool = False,
+    amax_history_len: int = 16,
 ) -> LowPrecisionReport:
     """Replace the matching ``nn.Linear`` layers of ``model`` by :class:`LowPrecisionLinear`.
 
@@ -78,7 +79,8 @@ def convert_to_low_precision(
         module_filter_fn: ``fn(module, qualified_name) -> bool`` narrowing the candidates.
         target_modules: ``None`` / ``"all-linear"`` (all but ``lm_head``), a name pattern or a
             list of them (see :mod:`lowmem.nn.convert`).
-        scaling, quantize_weight_grad: passed to :class:`LowPrecisionLinear`.
+        scaling, quantize_weight_grad, amax_history_len: passed to :class:`LowPrecisionLinear`
+            (``scaling="delayed"``: fp8 tensor-wise scales from an amax history per layer).
 
     Returns:
         A :class:`LowPrecisionReport` of converted and skipped linears with reasons.
@@ -87,7 +89,7 @@ def convert_to_low_precision(
         ValueError: bad ``precision`` / ``scaling``, or no linear matched and none was converted
             before (a typo in ``target_modules`` must not silently train in full precision).
     """
-    _check_options(precision, scaling, 1, 1)
+    _check_options(precision, scaling, 1, 1, amax_history_len)
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_to_low_precision: model must be an nn.Module, got {type(model).__name__}")
     report = LowPrecisionReport(precision)
@@ -110,7 +112,11 @@ def convert_to_low_precision(
             report.skipped[name] = reason
             continue
         new = LowPrecisionLinear.from_linear(
-            linear, precision=precision, scaling=scaling, quantize_weight_grad=quantize_weight_grad
+            linear,
+            precision=precision,
+            scaling=scaling,
+            quantize_weight_grad=quantize_weight_grad,
+            amax_history_len=amax_history_len,
         )
         new.train(linear.training)
         replace_module(model, name, new)

@@ -23,8 +23,32 @@ models"): the weight gradient sums over all tokens, where quantization noise hur
 
 ``precision="int8"``: row-wise absmax int8 (:mod:`lowmem.kernels.quantize`), Triton kernels on
 CUDA. ``precision="fp8"``: e4m3 for the forward operands and W, e5m2 for gradients
-(Micikevicius et al. 2022), ``scaling="tensor"`` (one scale per tensor) or ``"row"``, through
-``torch._scaled_mm`` on GPUs with fp8 tensor cores (sm89+).
+(Micikevicius et al. 2022), ``scaling="tensor"`` (one scale per tensor), ``"row"``, or
+``"delayed"`` (tensor-wise scales from an amax history, below). On GPUs with fp8 tensor cores
+(sm89+) the GEMMs run through ``torch._scaled_mm`` or the Triton fp8 kernel, whichever measured
+faster per problem size (:mod:`lowmem.kernels.fp8_matmul_select`); the quantizers are fused
+Triton kernels (:mod:`lowmem.kernels.fp8_quantize_triton`).
+
+Delayed scaling (``scaling="delayed"``; Micikevicius et al. 2022, NVIDIA Transformer Engine,
+torchao float8): dynamic scaling needs the absmax of a tensor *before* it can cast it, a full
+reduction on the critical path of every GEMM. Delayed scaling casts with the scale of the
+maximum of the last ``amax_history_len`` absmaxes of that operand (x, W, and dY in backward),
+measured on earlier steps, and records the current absmax in the same pass as the cast::
+
+    amax_d = max(history)            (earlier steps only)
+    x_fp8  = cast(clamp(x * 448 / amax_d, -448, 448))     scale = amax_d / 448
+    history = [absmax(x), history[:-1]]                     (after the cast)
+
+Values above ``amax_d`` (a tensor that grew faster than its history) *saturate* at ±max_fp8
+instead of becoming inf/NaN; that clipping is the price of the missing reduction, and is why the
+history is a max over several steps. The first use of each operand (empty history) measures
+its absmax first, so step 1 equals dynamic tensor-wise scaling. The histories are buffers with
+``persistent=False``: they move with ``.to()`` and are not in the state dict (which stays
+loadable into ``nn.Linear``); after loading a checkpoint the first step re-measures. Like
+torchao's delayed recipe, a forward run twice per step (activation checkpointing) records x and
+W twice, and every forward records, eval and ``no_grad`` ones included. The histories are
+per process: under DDP/FSDP each rank scales with its own (torchao can all-reduce them; here
+the scales only need to fit the local tensors, so results stay correct, not rank-identical).
 
 CPU: both precisions run the same quantization numerics emulated in fp32 (int8: exact integer
 sums; fp8: fp32 GEMM of upcast fp8 values). That is for checking numerics: it is slower than
@@ -44,7 +68,6 @@ import torch
 from torch import Tensor, nn
 
 from lowmem._ops import dispatch
-from lowmem.kernels.fp8_quantize import quantize_fp8
 
 __all__ = ["MAX_K", "PRECISIONS", "LowPrecisionLinear", "to_dense"]
 
@@ -53,7 +76,8 @@ __all__ = ["MAX_K", "PRECISIONS", "LowPrecisionLinear", "to_dense"]
 MAX_K = 2**17
 
 PRECISIONS = ("int8", "fp8")
-_SCALINGS = {"int8": ("row",), "fp8": ("tensor", "row")}
+_SCALINGS = {"int8": ("row",), "fp8": ("tensor", "row", "delayed")}
+_OPERANDS = ("x", "w", "grad")  # the operands with an amax history under delayed scaling
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _E4M3, _E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -68,6 +92,10 @@ def _int8_mm(
     return dispatch("int8_matmul", a.device)(a, b, sa, sb, bias, out_dtype)
 
 
+def _quantize_fp8(x: Tensor, fp8_dtype: torch.dtype, dim: int | None) -> tuple[Tensor, Tensor]:
+    return dispatch("quantize_fp8", x.device, x.dtype)(x, fp8_dtype, dim)
+
+
 def _fp8_mm(
     a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
@@ -79,10 +107,22 @@ def _high_precision_weight_grad(g: Tensor, x: Tensor, compute_dtype: torch.dtype
     return (g.t().to(compute_dtype) @ x.to(compute_dtype)).to(weight.dtype)
 
 
+def _shaped(out: Tensor, out_shape: tuple[int, ...]) -> Tensor:
+    # (M, N) -> (..., N) without handing autograd a view: FSDP2 (and in-place ops on the output)
+    # treat a view output specially; detach() of the view is a fresh tensor on the same storage.
+    return out.view(out_shape).detach()
+
+
 class _Int8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype, quantize_wgrad: bool
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        out_dtype: torch.dtype,
+        quantize_wgrad: bool,
+        out_shape: tuple[int, ...],
     ) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             xq, xs = _quantize_int8(x, 1)  # one scale per token
@@ -92,11 +132,12 @@ class _Int8LinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.out_dtype = out_dtype
         ctx.quantize_wgrad = quantize_wgrad
-        return out
+        return _shaped(out, out_shape)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        grad_out = grad_out.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_b = None
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
@@ -110,7 +151,7 @@ class _Int8LinearFunction(torch.autograd.Function):
                     grad_w = _high_precision_weight_grad(grad_out, x, ctx.out_dtype, weight)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _int8_weight_grad(g: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -130,6 +171,8 @@ def _int8_weight_grad(g: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _Fp8LinearFunction(torch.autograd.Function):
+    """fp8 forward / backward; ``scaling`` "tensor", "row" (dynamic) or "delayed" (``state``)."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -138,39 +181,95 @@ class _Fp8LinearFunction(torch.autograd.Function):
         bias: Tensor | None,
         out_dtype: torch.dtype,
         quantize_wgrad: bool,
-        rowwise: bool,
+        scaling: str,
+        state: _DelayedScaling | None,
+        out_shape: tuple[int, ...],
     ) -> Tensor:
+        row = scaling == "row"
+        amax_x = amax_w = None
         with torch.autocast(x.device.type, enabled=False):
-            xq, xs = quantize_fp8(x, _E4M3, 1 if rowwise else None)  # xs: (M, 1) or ()
-            wq, ws = quantize_fp8(weight, _E4M3, 1 if rowwise else None)  # ws: (N, 1) or ()
+            if state is not None:
+                amax_x, amax_w = state.delayed_amax("x", x), state.delayed_amax("w", weight)
+                xq, xs = state.cast("x", x, _E4M3, amax_x)
+                wq, ws = state.cast("w", weight, _E4M3, amax_w)
+            else:
+                xq, xs = _quantize_fp8(x, _E4M3, 1 if row else None)  # xs: (M, 1) or ()
+                wq, ws = _quantize_fp8(weight, _E4M3, 1 if row else None)  # ws: (N, 1) or ()
             out = _fp8_mm(xq, wq.t(), xs, ws.t(), bias, out_dtype)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, amax_x, amax_w)
         ctx.has_bias = bias is not None
         ctx.out_dtype = out_dtype
         ctx.quantize_wgrad = quantize_wgrad
-        ctx.rowwise = rowwise
-        return out
+        ctx.row = row
+        ctx.state = state
+        return _shaped(out, out_shape)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        row = ctx.rowwise
+        x, weight, amax_x, amax_w = ctx.saved_tensors
+        grad_out = grad_out.reshape(-1, weight.shape[0])
+        row, state = ctx.row, ctx.state
         grad_x = grad_w = grad_b = None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.quantize_wgrad
         with torch.autocast(grad_out.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                gq, gs = quantize_fp8(grad_out, _E5M2, 1 if row else None)  # (M, 1): per token
-                wq, ws = quantize_fp8(weight, _E4M3, 0 if row else None)  # (1, K): per input column
+            if state is not None and (need_x or need_w):
+                # One e5m2 cast of dY (one history update) serves both gradient GEMMs.
+                gq, gs = state.cast("grad", grad_out, _E5M2, state.delayed_amax("grad", grad_out))
+            if need_x:
+                if state is not None:  # W with the forward's delayed scale: the forward's codes
+                    wq, ws = _quantize_delayed(weight, _E4M3, amax_w)[:2]
+                else:
+                    gq, gs = _quantize_fp8(grad_out, _E5M2, 1 if row else None)  # (M, 1): per token
+                    wq, ws = _quantize_fp8(weight, _E4M3, 0 if row else None)  # (1, K): per input column
                 grad_x = _fp8_mm(gq, wq, gs, ws, None, x.dtype)
             if ctx.needs_input_grad[1]:
-                if ctx.quantize_wgrad:
-                    gq, gs = quantize_fp8(grad_out, _E5M2, 0 if row else None)  # (1, N): per channel
-                    xq, xs = quantize_fp8(x, _E4M3, 0 if row else None)  # (1, K)
-                    grad_w = _fp8_mm(gq.t(), xq, gs.t(), xs, None, weight.dtype)
+                if need_w:
+                    if state is not None:
+                        xq, xs = _quantize_delayed(x, _E4M3, amax_x)[:2]
+                        grad_w = _fp8_mm(gq.t(), xq, gs, xs, None, weight.dtype)
+                    else:
+                        gq, gs = _quantize_fp8(grad_out, _E5M2, 0 if row else None)  # (1, N): per channel
+                        xq, xs = _quantize_fp8(x, _E4M3, 0 if row else None)  # (1, K)
+                        grad_w = _fp8_mm(gq.t(), xq, gs.t(), xs, None, weight.dtype)
                 else:
                     grad_w = _high_precision_weight_grad(grad_out, x, ctx.out_dtype, weight)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _quantize_delayed(x: Tensor, fp8_dtype: torch.dtype, amax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch("quantize_fp8_delayed", x.device, x.dtype)(x, fp8_dtype, amax)
+
+
+class _DelayedScaling:
+    """The amax histories of one layer (its buffers) and which operands have been seen.
+
+    ``delayed_amax(op, t)``: the max of the history; on the operand's first use (empty history)
+    the absmax of ``t`` itself, so step 1 is dynamic scaling. ``cast(op, t, dtype, amax)``:
+    the delayed cast, then ``history = [absmax(t), history[:-1]]`` (device ops only, no sync).
+    """
+
+    def __init__(self, module: LowPrecisionLinear) -> None:
+        self.module = module
+        self.seen = dict.fromkeys(_OPERANDS, False)
+
+    def history(self, op: str) -> Tensor:
+        return getattr(self.module, f"amax_history_{op}")
+
+    def delayed_amax(self, op: str, t: Tensor) -> Tensor:
+        if self.seen[op]:
+            return self.history(op).amax()
+        a = t.detach().abs().float()
+        return torch.where(a < float("inf"), a, 0.0).amax() if t.numel() else a.new_zeros(())
+
+    @torch.no_grad()
+    def cast(self, op: str, t: Tensor, fp8_dtype: torch.dtype, amax: Tensor) -> tuple[Tensor, Tensor]:
+        q, scale, amax_now = _quantize_delayed(t, fp8_dtype, amax)
+        history = self.history(op)
+        history.copy_(torch.cat([amax_now.view(1).to(history), history[:-1]]))
+        self.seen[op] = True
+        return q, scale
 
 
 class LowPrecisionLinear(nn.Linear):
@@ -182,9 +281,16 @@ class LowPrecisionLinear(nn.Linear):
         precision: ``"int8"`` (row-wise absmax int8, int32 accumulation) or ``"fp8"`` (e4m3
             forward, e5m2 gradients).
         scaling: ``"row"`` (int8's only choice and its default) or ``"tensor"`` (fp8's default;
-            torchao's tensor-wise recipe); fp8 also takes ``"row"``.
+            torchao's tensor-wise recipe); fp8 also takes ``"row"`` and ``"delayed"``
+            (tensor-wise scales from an amax history; module docstring).
         quantize_weight_grad: also compute dW in low precision (default False: dW in the
             compute dtype, SwitchBack's choice).
+        amax_history_len: steps of absmax history per operand for ``scaling="delayed"``
+            (default 16, Transformer Engine's and torchao's; >= 1; ignored otherwise).
+
+    Buffers (``scaling="delayed"`` only, ``persistent=False`` so the state dict keys stay
+    ``nn.Linear``'s): ``amax_history_x``, ``amax_history_w``, ``amax_history_grad``, fp32
+    ``(amax_history_len,)``, newest first.
 
     Input (..., in_features) in fp32/bf16/fp16; output (..., out_features) in the input's dtype,
     or autocast's dtype inside ``torch.autocast`` (like ``nn.Linear``). Parameters ``weight``
@@ -200,14 +306,25 @@ class LowPrecisionLinear(nn.Linear):
         precision: str = "int8",
         scaling: str | None = None,
         quantize_weight_grad: bool = False,
+        amax_history_len: int = 16,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_options(precision, scaling, in_features, out_features)
+        _check_options(precision, scaling, in_features, out_features, amax_history_len)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.precision = precision
         self.scaling = scaling or _SCALINGS[precision][0]
         self.quantize_weight_grad = bool(quantize_weight_grad)
+        self.amax_history_len = int(amax_history_len)
+        self._delayed: _DelayedScaling | None = None
+        if self.scaling == "delayed":
+            self._init_delayed(device)
+
+    def _init_delayed(self, device: torch.device | str | None) -> None:
+        for op in _OPERANDS:
+            history = torch.zeros(self.amax_history_len, dtype=torch.float32, device=device)
+            self.register_buffer(f"amax_history_{op}", history, persistent=False)
+        self._delayed = _DelayedScaling(self)
 
     @classmethod
     def from_linear(
@@ -217,6 +334,7 @@ class LowPrecisionLinear(nn.Linear):
         precision: str = "int8",
         scaling: str | None = None,
         quantize_weight_grad: bool = False,
+        amax_history_len: int = 16,
     ) -> LowPrecisionLinear:
         """A LowPrecisionLinear that shares ``linear``'s weight and bias Parameters (so an
         optimizer built before the swap keeps updating them)."""
@@ -227,10 +345,13 @@ class LowPrecisionLinear(nn.Linear):
             precision=precision,
             scaling=scaling,
             quantize_weight_grad=quantize_weight_grad,
+            amax_history_len=amax_history_len,
             device="meta",  # no allocation: the parameters are replaced right below
         )
         new.weight = linear.weight
         new.bias = linear.bias
+        if new.scaling == "delayed":  # the histories live where the weight does
+            new._init_delayed(linear.weight.device)
         return new
 
     def to_dense(self) -> nn.Linear:
@@ -254,22 +375,35 @@ class LowPrecisionLinear(nn.Linear):
                 "use float32, bfloat16 or float16"
             )
         x2 = x.reshape(-1, self.in_features)
+        out_shape = (*x.shape[:-1], self.out_features)
         if self.precision == "int8":
-            out = _Int8LinearFunction.apply(x2, self.weight, self.bias, out_dtype, self.quantize_weight_grad)
-        else:
-            out = _Fp8LinearFunction.apply(
-                x2, self.weight, self.bias, out_dtype, self.quantize_weight_grad, self.scaling == "row"
+            return _Int8LinearFunction.apply(
+                x2, self.weight, self.bias, out_dtype, self.quantize_weight_grad, out_shape
             )
-        return out.view(*x.shape[:-1], self.out_features)
+        return _Fp8LinearFunction.apply(
+            x2,
+            self.weight,
+            self.bias,
+            out_dtype,
+            self.quantize_weight_grad,
+            self.scaling,
+            self._delayed,
+            out_shape,
+        )
 
     def extra_repr(self) -> str:
+        delayed = f", amax_history_len={self.amax_history_len}" if self.scaling == "delayed" else ""
         return (
             f"{super().extra_repr()}, precision={self.precision}, scaling={self.scaling}, "
-            f"quantize_weight_grad={self.quantize_weight_grad}"
+            f"quantize_weight_grad={self.quantize_weight_grad}{delayed}"
         )
 
 
-def _check_options(precision: str, scaling: str | None, in_features: int, out_features: int) -> None:
+def _check_options(
+    precision: str, scaling: str | None, in_features: int, out_features: int, amax_history_len: int = 16
+) -> None:
+    if isinstance(amax_history_len, bool) or not isinstance(amax_history_len, int) or amax_history_len < 1:
+        raise ValueError(f"amax_history_len must be an integer >= 1, got {amax_history_len!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if scaling is not None and scaling not in _SCALINGS[precision]:

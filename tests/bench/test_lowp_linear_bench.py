@@ -26,6 +26,13 @@ def test_cpu_run_prints_every_row_and_writes_json(tmp_path: Path, capsys: pytest
     whats = ("layer fwd", "layer fwd+bwd")
     assert layer_rows == [(name, what) for name in lowp_linear.LAYERS for what in whats]
     assert {r["name"] for r in rows if r["what"] == "gemm"} == {"mm", "int8_matmul"}  # no fp8 GEMM row on CPU
+    quantizers = {r["name"]: r for r in rows if r["what"] == "quantize"}
+    assert set(quantizers) == {
+        "quantize_int8 (x, per row)",
+        "quantize_fp8 (x, tensor)",
+        "quantize_fp8 (x, per row)",
+    }
+    assert all(r["gbs"] > 0 for r in quantizers.values())
     for r in rows:
         assert r["median_ms"] > 0
         if r["name"] == "dense":

@@ -111,6 +111,28 @@ def test_unconvert_gives_back_the_dense_model() -> None:
     assert torch.equal(model(IDS).detach(), want)
 
 
+def test_delayed_scaling_conversion() -> None:
+    """scaling="delayed": every converted layer gets its own amax histories on the weight's
+    device, the state dict keeps nn.Linear's keys, and training steps fill the histories."""
+    model = _toy()
+    keys = list(model.state_dict())
+    report = convert_to_low_precision(model, "fp8", scaling="delayed", amax_history_len=4)
+    assert len(report.converted) == 8
+    layers = [model.get_submodule(name) for name in report.converted]
+    assert all(layer.scaling == "delayed" and layer.amax_history_x.shape == (4,) for layer in layers)
+    assert len({id(layer.amax_history_x) for layer in layers}) == 8  # one history per layer
+    assert list(model.state_dict()) == keys
+    _toy(seed=2).load_state_dict(model.state_dict())
+    for _ in range(2):
+        model(IDS).square().mean().backward()
+    for layer in layers:
+        for op in ("x", "w", "grad"):
+            history = getattr(layer, f"amax_history_{op}")
+            assert bool((history[:2] > 0).all()) and not bool(history[2:].any()), (op, history)
+    with pytest.raises(ValueError, match="amax_history_len"):
+        convert_to_low_precision(_toy(), "fp8", scaling="delayed", amax_history_len=-1)
+
+
 def test_unservable_layers_are_skipped_with_reasons() -> None:
     model = nn.Sequential(nn.Linear(MAX_K + 1, 1), nn.Linear(4, 4, dtype=torch.float64), nn.Linear(4, 4))
     report = convert_to_low_precision(model, "int8")
