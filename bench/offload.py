@@ -9,6 +9,11 @@ Rows, each a fresh model from the same seed trained on the same batch:
   offload context (the embedding and LM-head activations outside the layers go to host too).
 - ``partial-F`` (``--fractions``): offloaded checkpointing that also offloads a fraction F of each
   layer's op outputs and replays them instead of recomputing (:class:`lowmem.memory.PartialRecompute`).
+- ``tokenwise-F`` (``--tokenwise``): MEMO's token-wise split of each MLP
+  (:func:`lowmem.memory.apply_tokenwise_recompute`): the first F of the tokens keep their MLP
+  activations in host memory, the rest are recomputed in backward; attention and norms are not
+  split (attention mixes tokens) and, like every other saved tensor of the step, go to host
+  through the same offload context.
 
 Measured per row: the median step time after warm-up (rows interleaved round by round, so drifts of
 a shared machine hit every row alike) and its ratio to ``none`` in the same run; the bytes of saved
@@ -21,6 +26,13 @@ On a CPU-only machine activations already live in host memory, so offload would 
 there the offload rows run with ``emulate_device=True`` (CPU tensors treated as device tensors:
 copied to separate host buffers and back), which measures the bookkeeping and copy cost and the
 bytes that would stay on a device. ``--quick`` runs the micro preset at a short sequence (a test).
+
+Also per row: the bytes copied to host in one step (``host MiB``) and the recompute FLOPs of
+backward (``recompute GF``: backward FLOPs counted by ``torch.utils.flop_counter`` minus the
+``none`` row's), so the token-wise rows show host bytes rising and recompute falling with F. The
+``exact`` column says ``yes`` when loss and gradients equal the ``none`` row's bit for bit, else the
+largest gradient difference relative to that gradient's largest entry (token-wise rows: the
+weight gradient is summed over tokens in two parts, a rounding difference).
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from lowmem.memory import (
     ActivationOffload,
     SavedTensorCounter,
     apply_checkpointing,
+    apply_tokenwise_recompute,
     offload_activations,
 )
 
@@ -54,6 +67,12 @@ def _decoder_layer_type() -> type[nn.Module]:
     return LlamaDecoderLayer
 
 
+def _mlp_type() -> type[nn.Module]:
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    return LlamaMLP
+
+
 def wrap_forward(
     model: nn.Module,
     mode: str,
@@ -63,12 +82,12 @@ def wrap_forward(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``loss_fn(windows)``: the bench model's loss (``language_model_loss``) under technique ``mode``.
 
-    ``mode`` is one of ``none``, ``checkpoint``, ``offload``, ``offload-checkpoint`` or
-    ``partial-F`` (F in [0, 1]). Checkpointing is applied to ``model``'s decoder layers once, here;
-    the returned function enters the offload context around each forward (call ``.backward()`` on
-    its result as usual: the hooks recorded in forward bring the tensors back). The engine is
-    reachable as ``loss_fn.offloader`` (its ``stats``), the checkpointing handle as
-    ``loss_fn.handle``.
+    ``mode`` is one of ``none``, ``checkpoint``, ``offload``, ``offload-checkpoint``,
+    ``partial-F`` or ``tokenwise-F`` (F in [0, 1]). Checkpointing (or the token-wise split of the
+    MLPs) is applied to ``model`` once, here; the returned function enters the offload context
+    around each forward (call ``.backward()`` on its result as usual: the hooks recorded in forward
+    bring the tensors back). The engine is reachable as ``loss_fn.offloader`` (its ``stats``), the
+    checkpointing or token-wise handle as ``loss_fn.handle``.
     """
     options: dict[str, Any] = {"emulate_device": emulate_device, "keep": model}
     if min_bytes is not None:
@@ -91,8 +110,15 @@ def wrap_forward(
             offloader=offloader,
             offload_fraction=fraction,
         )
+    elif mode.startswith("tokenwise-"):
+        offloader = offload_activations(**options)
+        handle = apply_tokenwise_recompute(
+            model, _mlp_type(), offload_fraction=_fraction(mode), offloader=offloader
+        )
     else:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(BASE_MODES)} or partial-F")
+        raise ValueError(
+            f"unknown mode {mode!r}; choose one of {', '.join(BASE_MODES)}, partial-F or tokenwise-F"
+        )
 
     def loss_fn(windows: torch.Tensor) -> torch.Tensor:
         with offloader if offloader is not None else contextlib.nullcontext():
@@ -104,10 +130,11 @@ def wrap_forward(
 
 
 def _fraction(mode: str) -> float:
+    kind, _, number = mode.partition("-")
     try:
-        value = float(mode.removeprefix("partial-"))
+        value = float(number)
     except ValueError:
-        raise ValueError(f"mode {mode!r}: partial-F needs a number F in [0, 1], e.g. partial-0.5") from None
+        raise ValueError(f"mode {mode!r}: {kind}-F needs a number F in [0, 1], e.g. {kind}-0.5") from None
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"mode {mode!r}: F must be in [0, 1]")
     return value
@@ -135,6 +162,20 @@ def _resident_saved_bytes(
     return result
 
 
+def _backward_flops(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, batch: torch.Tensor
+) -> int:
+    """FLOPs of one step's backward (``torch.utils.flop_counter``: matmuls and attention),
+    recomputation included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss = loss_fn(batch)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every mode; returns the JSON-able results (also printed as a table)."""
     device = torch.device(args.device)
@@ -143,6 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
     modes = list(BASE_MODES) + [f"partial-{f:g}" for f in args.fractions]
+    modes += [f"tokenwise-{f:g}" for f in args.tokenwise]
     models: dict[str, nn.Module] = {}
     loss_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for mode in modes:
@@ -171,6 +213,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["exact"] = r["loss"] == base["loss"] and all(
             torch.equal(a, b) for a, b in zip(grads, base_grads, strict=True)
         )
+        r["grad_rel_diff"] = max(
+            ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            for a, b in zip(grads, base_grads, strict=True)
+        )
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
         for mode in modes:
@@ -191,12 +237,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _sync(device)
             r["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
         offloader = getattr(loss_fns[mode], "offloader", None)
+        before = offloader.stats.copied_bytes if offloader is not None else 0
+        r["backward_flops"] = _backward_flops(loss_fns[mode], models[mode], batch)
+        r["host_bytes"] = (offloader.stats.copied_bytes if offloader is not None else 0) - before
         if offloader is not None:
             r["copied_bytes"] = offloader.stats.copied_bytes
     for mode in modes:
         r = results[mode]
         r["time_ratio"] = r["step_s"] / results["none"]["step_s"]
         r["resident_ratio"] = r["resident_bytes"] / max(results["none"]["resident_bytes"], 1)
+        r["recompute_flops"] = r["backward_flops"] - results["none"]["backward_flops"]
     settings = vars(args).copy()
     settings["emulate_device"] = emulate
     return {"settings": settings, "rows": results}
@@ -206,6 +256,7 @@ def _table(out: dict[str, Any]) -> str:
     rows = out["rows"]
     cuda = any("cuda_peak_bytes" in r for r in rows.values())
     head = f"{'mode':<20}{'step ms':>10}{'x none':>8}{'resident MiB':>14}{'x none':>8}"
+    head += f"{'host MiB':>10}{'recompute GF':>14}"
     head += f"{'cuda peak MiB':>15}" if cuda else ""
     head += f"{'exact':>7}"
     lines = [head, "-" * len(head)]
@@ -213,9 +264,10 @@ def _table(out: dict[str, Any]) -> str:
     for mode, r in rows.items():
         line = f"{mode:<20}{r['step_s'] * 1e3:>10.1f}{r['time_ratio']:>8.2f}"
         line += f"{r['resident_bytes'] * mib:>14.2f}{r['resident_ratio']:>8.3f}"
+        line += f"{r['host_bytes'] * mib:>10.2f}{r['recompute_flops'] / 1e9:>14.3f}"
         if cuda:
             line += f"{r['cuda_peak_bytes'] * mib:>15.1f}"
-        line += f"{'yes' if r['exact'] else 'NO':>7}"
+        line += f"{'yes' if r['exact'] else format(r['grad_rel_diff'], '.0e'):>7}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -232,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.5], help="partial-recompute rows")
+    parser.add_argument(
+        "--tokenwise",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5, 0.75],
+        help="token-wise (MEMO) rows: the fraction of tokens whose MLP activations are offloaded",
+    )
     parser.add_argument("--min-bytes", type=int, default=None, help="offload_activations(min_bytes=)")
     parser.add_argument("--no-emulate", action="store_true", help="on CPU, do not emulate a device")
     parser.add_argument("--quick", action="store_true", help="micro preset, short sequence (for tests)")

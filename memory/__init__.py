@@ -31,3 +31,20 @@ __all__: list[str] = [
     "estimate",
     "offload_activations",
 ]
+
+# Token-wise recomputation and swapping (MEMO, Zhao et al. 2025) of position-wise sublayers.
+from lowmem.memory.tokenwise import (
+    TokenwiseHandle,
+    TokenwiseStats,
+    apply_tokenwise_recompute,
+    split_point,
+    tokenwise_checkpoint,
+)
+
+__all__ += [
+    "TokenwiseHandle",
+    "TokenwiseStats",
+    "apply_tokenwise_recompute",
+    "split_point",
+    "tokenwise_checkpoint",
+]

@@ -38,6 +38,10 @@ class ActivationBytes:
     Attributes:
         per_layer: one decoder layer's saved tensors.
         layer_input: one decoder layer's input (what checkpointing keeps per layer).
+        input_in_layer: the part of ``per_layer`` that *is* the layer input's storage: in fp32 the
+            first RMSNorm's "fp32 copy" of its input is the input itself (``layer_input``), in a
+            lower precision a separate tensor (0). A checkpointed layer's kept input and its
+            recomputed tensors then share it.
         head: final norm, log-softmax and targets (after the last layer).
         fixed: input ids, rotary tables, the loss scalar.
         num_layers: how many decoder layers.
@@ -48,11 +52,50 @@ class ActivationBytes:
     head: int
     fixed: int
     num_layers: int
+    input_in_layer: int = 0
 
     @property
     def total(self) -> int:
         """Everything saved when nothing is checkpointed or offloaded."""
         return self.num_layers * self.per_layer + self.head + self.fixed
+
+    def device_peak(self, mode: str) -> int:
+        """Saved-tensor bytes on the device at the peak of a step under activation ``mode``.
+
+        - ``none``: everything, at the end of the forward (:attr:`total`).
+        - ``checkpoint``: every layer's input is kept; the peak is either the end of the forward
+          (inputs + head) or the recomputation of the last layer in backward (inputs + one
+          layer's saved tensors; the head's are freed by then, and in fp32 the layer's input is
+          among them): ``L·x + fixed + max(head, per_layer - input_in_layer)``.
+        - ``offload``: saved tensors leave as they are produced and come back as backward needs
+          them; a bound: one layer (or the head) in use and one layer in flight.
+        - ``offload_checkpoint`` (the step inside the offload context, as ``bench/offload.py``
+          runs it): the recomputed layer with its input brought back, and the previous layer's
+          input in flight (prefetched): ``max(head, per_layer - input_in_layer + x) + x + fixed``.
+
+        ``tests/memory/test_estimator_modes.py`` measures each on the tiny LLaMA (with
+        :class:`lowmem.memory.resident.ResidentActivations`).
+        """
+        x, layers = self.layer_input, self.num_layers
+        recomputed = self.per_layer - self.input_in_layer
+        if mode == "none":
+            return self.total
+        if mode == "checkpoint":
+            return layers * x + self.fixed + max(self.head, recomputed)
+        if mode == "offload":
+            return max(self.per_layer, self.head) + self.per_layer + self.fixed
+        if mode == "offload_checkpoint":
+            return max(self.head, recomputed + x) + x + self.fixed
+        raise ValueError(f"unknown activation mode {mode!r}")
+
+    def host_bytes(self, mode: str) -> int:
+        """Saved-tensor bytes that ``mode`` keeps in host memory (every saved tensor with ``offload``;
+        the layer inputs and the head's tensors with ``offload_checkpoint``)."""
+        if mode == "offload":
+            return self.total
+        if mode == "offload_checkpoint":
+            return self.num_layers * self.layer_input + self.head
+        return 0
 
 
 def llama_activation_bytes(
@@ -72,4 +115,5 @@ def llama_activation_bytes(
         head=head,
         fixed=fixed,
         num_layers=shape.num_layers,
+        input_in_layer=tokens * h * b if b == 4 else 0,
     )

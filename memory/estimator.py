@@ -130,6 +130,26 @@ def format_reports(reports: list[MemoryReport]) -> str:
     return "\n".join(lines)
 
 
+#: What each activation mode's bytes stand for (measured against the real implementation on the tiny
+#: LLaMA in tests/memory/test_estimator_modes.py; the numbers are in ActivationBytes.device_peak).
+_ACTIVATION_NOTES = {
+    "none": "activations: everything saved for backward, at the end of the forward",
+    "checkpoint": (
+        "checkpoint: each decoder layer keeps its input; peak = all inputs plus the larger of the LM "
+        "head's saved tensors (end of forward) and one recomputed layer's (backward)"
+    ),
+    "offload": (
+        "offload: every saved tensor goes to host memory (host row); the device figure is a bound "
+        "that assumes the copies keep pace with compute: one layer (or the head) in use, one in flight"
+    ),
+    "offload_checkpoint": (
+        "offload_checkpoint: the step runs inside the offload context: layer inputs and the LM head's "
+        "saved tensors in host memory; on the device one recomputed layer with its input, and the "
+        "previous layer's input in flight"
+    ),
+}
+
+
 def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype, device="meta").element_size()
 
@@ -153,8 +173,11 @@ def _check(name: str, value: Any, ok: bool, fix: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; {fix}")
 
 
-#: Low-rank optimizers whose state lowmem shards under FSDP2 (``optim/sharded.py``).
-FSDP2_LOWRANK = ("galore_adamw", "galore_adamw8bit")
+#: Low-rank optimizers whose state lowmem shards under FSDP2 (``optim/sharded.py``): moments by rows,
+#: GaLore's and Fira's basis by columns, APOLLO's projection regenerated from a seed on every rank.
+FSDP2_LOWRANK = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "apollo_mini")
+#: proj_type values a row-sharded weight accepts; each projects it on the right (unsharded) side.
+FSDP2_PROJ_TYPES = ("std", "reverse_std", "right")
 
 
 def estimate(
@@ -200,7 +223,8 @@ def estimate(
             in host memory.
         world_size: devices that shard weights, gradients and states (FSDP full sharding):
             ``adamw``, ``adamw8bit`` and the optimizers whose low-rank state lowmem shards under
-            FSDP2 (:data:`FSDP2_LOWRANK`); not with ``layerwise``.
+            FSDP2 (:data:`FSDP2_LOWRANK`, with a ``proj_type`` of :data:`FSDP2_PROJ_TYPES`: the
+            sharded optimizers project every weight on the right); not with ``layerwise``.
         activation_bytes: saved-activation bytes to use instead of the LLaMA model.
 
     Returns:
@@ -218,11 +242,16 @@ def estimate(
     _check(
         "proj_type", proj_type, proj_type in allowed, f"choose one of {', '.join(allowed)} for {optimizer}"
     )
-    if world_size > 1 and spec.lowrank and optimizer not in FSDP2_LOWRANK:
+    if world_size > 1 and spec.lowrank and optimizer.lower().replace("-", "_") not in FSDP2_LOWRANK:
         raise ValueError(
             f"Invalid world_size: {world_size} with {optimizer}; under FSDP2 lowmem shards the state of "
             f"{', '.join(FSDP2_LOWRANK)} (and of adamw / adamw8bit), not yet of {optimizer}'s low-rank "
             "groups; estimate per device with world_size=1"
+        )
+    if world_size > 1 and spec.lowrank and proj_type not in FSDP2_PROJ_TYPES:
+        raise ValueError(
+            f"Invalid proj_type: {proj_type!r} with world_size={world_size}; row-sharded (FSDP2) weights "
+            f"are projected on their unsharded side: choose one of {', '.join(FSDP2_PROJ_TYPES)}"
         )
     if world_size > 1 and layerwise:
         raise ValueError(f"Invalid world_size: {world_size} with layerwise=True; estimate one or the other")
@@ -264,13 +293,15 @@ def estimate(
     sizes = [p.numel() * _dtype_bytes(d) for p, d in zip(params, dtypes, strict=True)]
     total_params = sum(p.numel() for p in params)
     weights = sum(sizes)
+    # Under FSDP2 every accepted proj_type projects a sharded weight on the right (optim/sharded.py).
+    state_proj_type = "right" if world_size > 1 and spec.lowrank else proj_type
     states = sum(
         param_state_bytes(
             tuple(p.shape),
             param_dtype,
             spec,
             rank=rank if id(p) in projected else None,
-            proj_type=proj_type,
+            proj_type=state_proj_type,
             min_8bit_size=min_8bit_size,
         )
         for p, param_dtype in zip(params, dtypes, strict=True)
@@ -300,27 +331,10 @@ def estimate(
             f"activations: tensors saved for backward by a HF LLaMA with fused (SDPA) attention, batch "
             f"{batch_size} x {seq_len} tokens per device; transient buffers and allocator slack not counted"
         )
-        if activation == "none":
-            activations = act.total
-        elif activation == "checkpoint":
-            activations = act.num_layers * act.layer_input + act.per_layer + act.head + act.fixed
-            assumptions.append(
-                "checkpoint: each decoder layer keeps its input; one layer recomputed at a time"
-            )
-        elif activation == "offload":
-            activations = 2 * act.per_layer + act.fixed
-            host["activations"] = act.total
-            assumptions.append(
-                "offload: every saved tensor goes to host memory; the device holds two layers' worth "
-                "(the one in use and the one in flight)"
-            )
-        else:  # offload_checkpoint
-            activations = act.per_layer + 2 * act.layer_input + act.head + act.fixed
-            host["activations"] = act.num_layers * act.layer_input
-            assumptions.append(
-                "offload_checkpoint: layer inputs live in host memory; one layer is recomputed at a time, "
-                "one input is in flight"
-            )
+        activations = act.device_peak(activation)
+        if act.host_bytes(activation):
+            host["activations"] = act.host_bytes(activation)
+        assumptions.append(_ACTIVATION_NOTES[activation])
 
     # ----------------------------------------------------------------- optimizer offload
     if offload_optimizer:
@@ -344,7 +358,8 @@ def estimate(
         assumptions.append(
             f"FSDP full sharding over {world_size} devices: weights, gradients and states / {world_size}, "
             "plus two decoder layers' full weights (gathered, prefetched) and one layer's full gradients "
-            "(before reduce-scatter); 8-bit blocks split at shard edges ignored"
+            "(before reduce-scatter); 8-bit blocks split at shard edges and per-rank copies of scalar "
+            "state (step counters, norms: at most 24 bytes per tensor) ignored"
         )
         if projected:
             # lowmem's FSDP2 GaLore (optim/sharded.py): moments and basis are row-sharded, exactly 1/w;
@@ -352,7 +367,8 @@ def estimate(
             largest_projected = max(p.numel() for p in params if id(p) in projected) * b
             gradients += largest_projected
             assumptions.append(
-                "low-rank states under FSDP2: moments and projection basis sharded by rows (exactly 1/"
+                "low-rank states under FSDP2: every projected weight projected on its right (unsharded) "
+                f"side whatever proj_type; moments sharded by rows and a stored basis by columns (1/"
                 f"{world_size}); a projector refresh gathers the full gradient of one weight at a time "
                 "(counted with the gradients)"
             )

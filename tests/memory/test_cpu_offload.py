@@ -19,14 +19,6 @@ from lowmem.memory import CPUOffloadOptimizer
 from lowmem.optim import APOLLO_MINI, AdamW8bit, ApolloAdamW, FiraAdamW, GaLoreAdamW, GaLoreAdamW8bit
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     # 96x80 matrices: large enough for 8-bit states (>= 4096 elements) and rank-8 projections.

@@ -27,15 +27,6 @@ SHAPE = LlamaShape(
 RANK = 40
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to spin-waits on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _real_optimizer(name: str, model: nn.Module, rank: int, proj_type: str):
     targets = ["self_attn", "mlp"]
     if name == "adamw":
@@ -206,15 +197,21 @@ def test_fsdp_sharding_and_bad_arguments() -> None:
     assert eight.optimizer_states == -(-one.optimizer_states // 8)
     assert one.weights / 8 < eight.weights < one.weights / 4  # a shard plus two gathered layers
     assert eight.activations == one.activations
-    # GaLore under lowmem's FSDP2: moments and basis sharded 1/w, plus one weight's full gradient
-    # gathered at a projector refresh.
-    galore_one = estimate("llama-13b", optimizer="galore_adamw8bit")
-    galore_eight = estimate("llama-13b", optimizer="galore_adamw8bit", world_size=8)
-    assert galore_eight.optimizer_states == -(-galore_one.optimizer_states // 8)
+    # Low-rank optimizers under lowmem's FSDP2 (optim/sharded.py): every weight projected on its
+    # right side whatever proj_type, moments and a stored basis sharded 1/w, plus one weight's full
+    # gradient gathered at a projector refresh.
     mlp_weight = 13824 * 5120 * 2  # LLaMA-13B's largest projected matrix, bf16
-    assert galore_eight.gradients == eight.gradients + mlp_weight
-    with pytest.raises(ValueError, match="not yet of fira_adamw"):
-        estimate("llama-13b", optimizer="fira_adamw", world_size=8)
+    for name in ("galore_adamw8bit", "galore_adamw", "fira_adamw", "apollo_adamw", "apollo_mini"):
+        one_right = estimate("llama-13b", optimizer=name, proj_type="right")
+        for proj_type in ("std", "reverse_std", "right"):
+            sharded = estimate("llama-13b", optimizer=name, world_size=8, proj_type=proj_type)
+            assert sharded.optimizer_states == -(-one_right.optimizer_states // 8), (name, proj_type)
+            assert sharded.gradients == eight.gradients + mlp_weight
+        with pytest.raises(ValueError, match="Invalid proj_type: 'left' with world_size=8"):
+            estimate("llama-13b", optimizer=name, world_size=8, proj_type="left")
+    # The side matters: std projects the 5120x13824 down projection on the left on one process.
+    galore_std = estimate("llama-13b", optimizer="galore_adamw", proj_type="std").optimizer_states
+    assert galore_std != estimate("llama-13b", optimizer="galore_adamw", proj_type="right").optimizer_states
     with pytest.raises(ValueError, match="unknown optimizer"):
         estimate("llama-7b", optimizer="lion")
     with pytest.raises(ValueError, match="unknown model preset"):

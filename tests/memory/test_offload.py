@@ -309,10 +309,18 @@ def test_offload_benchmark_quick_rows_are_exact_and_offload_rows_resident_free()
     args = build_parser().parse_args(["--quick", "--device", "cpu", "--min-bytes", "0"])
     args.preset, args.seq_len, args.batch_size, args.repeats, args.warmup = "micro", 16, 1, 1, 1
     rows = run(args)["rows"]
-    assert set(rows) == {"none", "checkpoint", "offload", "offload-checkpoint", "partial-0.5"}
-    assert all(r["exact"] for r in rows.values())
+    tokenwise = ["tokenwise-0.25", "tokenwise-0.5", "tokenwise-0.75"]
+    assert set(rows) == {"none", "checkpoint", "offload", "offload-checkpoint", "partial-0.5", *tokenwise}
+    assert all(r["exact"] for m, r in rows.items() if m not in tokenwise)
+    # Token-wise: the loss is bitwise, weight gradients are summed over tokens in two parts.
+    assert all(rows[m]["loss"] == rows["none"]["loss"] and rows[m]["grad_rel_diff"] < 2e-6 for m in tokenwise)
+    host = [rows[m]["host_bytes"] for m in tokenwise]
+    recompute = [rows[m]["recompute_flops"] for m in tokenwise]
+    assert host == sorted(host) and host[0] < host[-1]  # more tokens offloaded, more host bytes...
+    assert recompute == sorted(recompute, reverse=True) and recompute[-1] > 0  # ...less recompute
+    assert rows["none"]["recompute_flops"] == rows["offload"]["recompute_flops"] == 0
     assert rows["checkpoint"]["resident_bytes"] < rows["none"]["resident_bytes"]
     assert rows["offload"]["saved_bytes"] == rows["none"]["saved_bytes"] > 0  # the counter saw it all
-    for mode in ("offload", "offload-checkpoint", "partial-0.5"):
+    for mode in ("offload", "offload-checkpoint", "partial-0.5", *tokenwise):
         assert rows[mode]["resident_ratio"] <= 0.1
         assert rows[mode]["copied_bytes"] > 0
