@@ -156,8 +156,9 @@ class GaLoreAdafactor(LowRankOptimizer):
     ``AdafactorSchedule`` is not supported).
 
     FSDP2 (``fully_shard``, row-sharded): low-rank groups (projected on the right) and plain
-    groups of 1-D and 2-D tensors follow the single-process update; the column means, mean(r) and
-    the RMS values are all-reduced over the ranks (:mod:`lowmem.optim.sharded`).
+    groups follow the single-process update; the column means of matrices, mean(r) and the RMS
+    values are all-reduced over the ranks, while tensors of 3 or more dims (conv weights) factor
+    over their last two dims, inside each rank's rows (:mod:`lowmem.optim.sharded`).
 
     Args:
         params: parameters or param groups (dicts); named parameters work too.

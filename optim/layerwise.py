@@ -88,6 +88,18 @@ Data parallel
     backward, in the same order (DDP without ``find_unused_parameters``), since each hook
     issues a collective.
 
+FSDP2 (``fully_shard``)
+    Works with no extra call: FSDP2 runs these hooks itself on each sharded (DTensor)
+    parameter after its reduce-scatter, with ``.grad`` the averaged row shard, so each hook
+    updates the rank's rows (:mod:`lowmem.optim.sharded`) and frees that shard: a rank holds one
+    layer's sharded gradient at a time, not the model's. Build the optimizer without
+    ``process_group`` (FSDP2 already averaged; refused). Accumulate with
+    ``accumulation_steps=k`` (a reduce-scatter per micro-batch; FSDP2 adds the shards into
+    ``.grad``), or with ``set_requires_gradient_sync(False)`` and ``accumulation_steps=1``,
+    never both. Why the collectives the hooks issue (basis gathers, norm all-reduces) line up
+    across ranks: see :mod:`lowmem.optim.sharded`. Per-parameter clipping uses the norm of the
+    whole (all ranks') gradient.
+
 Limits
     Every ``backward()`` that reaches the parameters trains them; to look at gradients without
     training, use ``torch.autograd.grad`` (it accumulates nothing, so no hook runs). An error
@@ -113,12 +125,14 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from lowmem.optim import sharded
 from lowmem.optim._checks import check_positive_float, check_positive_int
 
 if TYPE_CHECKING:
@@ -168,13 +182,20 @@ def layerwise_options(
     return LayerwiseOptions(layerwise, accumulation_steps, max_grad_norm_per_param, process_group)
 
 
-def clip_grad_per_param_(grad: Tensor, max_norm: float) -> None:
+def clip_grad_per_param_(
+    grad: Tensor, max_norm: float, reduce_sum: Callable[[Tensor], Tensor] | None = None
+) -> None:
     """Scale ``grad`` in place by min(1, max_norm / (‖grad‖₂ + 1e-6)).
 
     The same arithmetic as ``torch.nn.utils.clip_grad_norm_([p], max_norm)`` (norm, coefficient
     and product in the gradient's dtype), without a host sync: the coefficient stays a tensor.
+    ``reduce_sum`` (``grad`` is a rank's row block of a row-sharded FSDP2 gradient,
+    :meth:`lowmem.optim.sharded.ShardedParam.reduce_sum`): the norm of the whole gradient,
+    sqrt(Σ_k ‖g_k‖²), one all-reduce of a scalar; every rank then scales by the same coefficient.
     """
     norm = torch.linalg.vector_norm(grad, 2.0)
+    if reduce_sum is not None:
+        norm = reduce_sum(norm.square()).sqrt()
     coef = torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
     grad.mul_(coef)
 
@@ -207,7 +228,9 @@ class LayerwiseStepper:
         self._optimizer = weakref.ref(optimizer)
         self._handles: dict[int, RemovableHandle] = {}
         self._ddp_params: set[int] = set()  # updated by a DDP comm hook instead (layerwise_ddp.py)
-        self._checked_distributed = False
+        # The world size when plain gradients are local to a multi-rank group (refused), 0 when
+        # not; None until the first hook (the group may be initialized after the optimizer).
+        self._multi_rank_local: int | None = None
         self._locations: dict[int, tuple[int, int]] = {}
         self.lowrank_grads: dict[Tensor, Tensor] = {}
         # Params with a gradient accumulated in the open window but not applied yet (ordered,
@@ -280,12 +303,11 @@ class LayerwiseStepper:
         optimizer = self._optimizer()
         if optimizer is None or param.grad is None:
             return
-        if not self._checked_distributed:
-            self._check_not_silently_local(optimizer)
         located = self._locate(optimizer, param)
         if located is None:
             return
         group, name = located
+        self._check_grad_is_global(optimizer, param, name)
         try:
             self._enter_backward(name)
             with torch.no_grad():
@@ -308,27 +330,47 @@ class LayerwiseStepper:
             self._root = None
             raise
 
-    def _check_not_silently_local(self, optimizer: LowRankOptimizer) -> None:
+    def _check_grad_is_global(self, optimizer: LowRankOptimizer, param: Tensor, name: str) -> None:
         """Refuse to update from a rank's local gradient in a multi-process run.
 
         Under DDP without :func:`~lowmem.optim.register_layerwise_ddp_hook`, or in any process
         group without ``process_group=``, these hooks would run before any averaging and every
-        rank would drift apart silently.
+        rank would drift apart silently. An FSDP2 (DTensor) parameter is the exception: FSDP2
+        runs these hooks itself, after its reduce-scatter, on the averaged row shard (checked:
+        a DTensor gradient must be ``Shard(0)``), and it must not be averaged a second time.
         """
-        self._checked_distributed = True
-        import torch.distributed as dist
-
-        if self.options.process_group is not None or not (dist.is_available() and dist.is_initialized()):
+        what = f"{type(optimizer).__name__} (layerwise=True)"
+        if sharded.is_dtensor(param):
+            if self.options.process_group is not None:
+                raise ValueError(
+                    f"Invalid process_group: {what} got the gradient of {name}, a row-sharded FSDP2 "
+                    "parameter, which fully_shard already averaged over the ranks; build the optimizer "
+                    "without process_group and use fully_shard's averaging alone (a second all-reduce "
+                    "would sum the ranks' different rows)"
+                )
+            sharded.check_reduced_grad(param, f"{what}, {name}")
             return
-        if dist.get_world_size() > 1:
+        if self._multi_rank_local is None:
+            self._multi_rank_local = self._world_size_if_local()
+        if self._multi_rank_local:
             raise RuntimeError(
-                f"{type(optimizer).__name__} (layerwise=True) runs in a process group of "
-                f"{dist.get_world_size()} ranks, but its updates would use this rank's local gradient: "
+                f"{what} runs in a process group of {self._multi_rank_local} ranks, but its update of "
+                f"{name} would use this rank's local gradient: "
                 "wrap the model in DistributedDataParallel and call "
-                "lowmem.optim.register_layerwise_ddp_hook(ddp_model, optimizer), or pass "
+                "lowmem.optim.register_layerwise_ddp_hook(ddp_model, optimizer), or shard it with "
+                "torch.distributed.fsdp.fully_shard (whose reduced gradients the hooks use), or pass "
                 "process_group=torch.distributed.group.WORLD (for ranks that train independently, pass "
                 "process_group=torch.distributed.new_group([rank]))"
             )
+
+    def _world_size_if_local(self) -> int:
+        """The world size if plain gradients here are local to a multi-rank group, else 0."""
+        import torch.distributed as dist
+
+        if self.options.process_group is not None or not (dist.is_available() and dist.is_initialized()):
+            return 0
+        size = dist.get_world_size()
+        return size if size > 1 else 0
 
     def _enter_backward(self, name: str) -> None:
         """Recognize the start of a new backward pass (micro-batch) from autograd's graph-task id.

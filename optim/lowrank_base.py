@@ -182,6 +182,12 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
     def _project_grad(self, param: Tensor, grad: Tensor, state: dict[str, Any]) -> Tensor:
         """``grad`` (param-shaped) in the current low-rank basis: the input of _lowrank_step_projected."""
+        if sharded.is_dtensor(param):
+            # FSDP2 (layer-wise accumulation): project this rank's rows with the whole basis,
+            # all-gathered for the projection (the rows of R = G Qᵀ, optim/sharded.py).
+            with sharded.ShardedParam(param, state):
+                rows = sharded.local_tensor(grad).reshape(matrix_shape(sharded.local_tensor(param)))
+                return project(rows, *self._current_basis(state))
         return project(grad.reshape(matrix_shape(param)), *self._current_basis(state))
 
     # ----------------------------------------------------------------- layer-wise stepping
@@ -384,7 +390,8 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """The body of :meth:`_step_param`: ``param`` is a plain tensor (an FSDP2 shard's rows)."""
         max_norm = self._layerwise_options.max_grad_norm_per_param
         if max_norm is not None and projected_grad is None:
-            clip_grad_per_param_(param.grad, max_norm)
+            # FSDP2: the norm of the whole gradient, the ranks' squared norms all-reduced.
+            clip_grad_per_param_(param.grad, max_norm, None if shard is None else shard.reduce_sum)
         if not state:
             shape = lowrank_shape(matrix_shape(param), group["rank"], side) if side else tuple(param.shape)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)

@@ -52,18 +52,61 @@ are local; its column means c and mean(r) span every rank's rows (the local colu
 and m_k in one all-reduce of n + 2 numbers, divided by m), and RMS(U) for update clipping,
 RMS(W) for ``scale_parameter`` and mean(r) at a ``"project"`` refresh are whole-tensor
 (squared sums and counts all-reduced). Every rank then holds the single-process c and step
-size. Plain tensors of more than 2 dims are refused (NotImplementedError naming the parameter),
-and so are layer-wise stepping and ``max_grad_norm_per_param`` (whose norm would be the local
-rows'), for every optimizer.
+size. Plain tensors of more than 2 dims (conv weights (out, in, k...)) factor over their last
+two dims, as on one process: both statistics and mean(r) reduce over dims -1 and -2 for each
+index of the leading dims, and FSDP2 shards dim 0, a leading dim, so they stay inside a rank's
+rows and only RMS(U) and RMS(W) are all-reduced (``GaLoreAdafactor._full_rank_step``).
+
+**Per-parameter clipping** (``max_grad_norm_per_param=c``) scales each gradient by
+min(1, c / (‖G‖ + 1e-6)) with the norm of the *whole* gradient, sqrt(Σ_k ‖G_k‖²): one
+all-reduce of a scalar per parameter, so every rank scales its rows by the single-process factor.
+
+**Layer-wise stepping** (``layerwise=True``, :mod:`lowmem.optim.layerwise`). FSDP2 runs a
+sharded parameter's post-accumulate-grad hooks itself: after a layer's reduce-scatter it sets
+the parameter's ``.grad`` to the averaged row shard (a ``Shard(0)`` DTensor; added to the
+existing one when ``.grad`` is set, which is how micro-batches accumulate without
+``set_requires_gradient_sync(False)``) and calls the hooks (torch 2.13,
+``fsdp/_fully_shard/_fsdp_collectives.py``, ``foreach_reduce``). The optimizer's hook then runs
+the update above on the rank's rows and frees ``.grad``, so a rank holds the sharded gradient
+of one layer (FSDP2's reduce-scatter output for that layer) instead of the whole model's 1/w
+(measured in tests/distributed/test_fsdp.py: 2112 bytes, one 32×32 layer's half, against
+8448 for step() with 4 layers). The gradient a hook gets is already averaged, so the guard
+against updating from a rank's local gradient accepts it (a DTensor gradient that is not
+``Shard(0)``, e.g. ``Partial``, is refused) and ``process_group`` is refused for it.
+
+Hooks may issue collectives (the basis all-gather, the gradient gather at a refresh, the scalar
+all-reduces of Fira, APOLLO, Adafactor and clipping, the basis all-gather of a low-rank
+accumulation). That is safe because every rank issues them in the same order: FSDP2 calls the
+hooks synchronously, on the thread running backward, from each layer's post-backward, which
+runs in autograd's order over the same graph on every rank (FSDP2's own reduce-scatters and
+all-gathers rely on that same order); inside a layer, in the layer's fixed parameter order;
+and a window's end-of-backward flush (parameters with no gradient in its last micro-batch) in
+the order their gradients first arrived. So every rank's sequence of collectives on the mesh's
+group is the same interleaving of FSDP2's and the optimizer's. It needs what FSDP2 needs: the
+same parameters get gradients on every rank in every backward.
+
+Accumulation, two ways: ``accumulation_steps=k`` with a reduce-scatter per micro-batch (each
+backward runs the hooks; the sharded gradients accumulate in ``.grad``, GaLore's in low-rank
+form; memory stays 1/w), or ``set_requires_gradient_sync(False)`` for all but the last
+micro-batch with ``accumulation_steps=1`` (FSDP2 then keeps every layer's *unsharded*
+gradient, w times more, and runs the hooks once; less communication). Do not combine them:
+hooks do not run in a backward without gradient sync, so the optimizer's count would skip those
+micro-batches. Keep FSDP2's default ``reshard_after_backward=True`` in the backward that
+updates: an unsharded copy kept after backward would not see the update.
 
 **Checkpoints.** The optimizer keeps plain local tensors in ``optimizer.state`` (the kernels
 take plain tensors); ``state_dict()`` wraps the state of sharded parameters into DTensors on the
-parameter's mesh (moments ``Shard(0)``, the basis ``Shard(1)``, 8-bit block scales ``Shard(0)``
-padded to the largest rank's count; step counters stay plain, equal on every rank), which is
+parameter's mesh (moments ``Shard(0)``, the basis ``Shard(1)``, 8-bit block scales as a (world size × blocks)
+DTensor ``Shard(0)``, one row per rank padded to the largest rank's count; step counters stay
+plain, equal on every rank), which is
 what ``torch.distributed.checkpoint`` saves shard by shard and what
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
 ``set_optimizer_state_dict`` expect; ``load_state_dict`` turns them back into local tensors.
-A resumed run continues bit for bit (tested).
+A resumed run continues bit for bit (tested). DCP reshards DTensors on load, so fp32 / fp64
+states resume at another world size too (2 → 1 and 1 → 2 ranks tested: GaLore, Fira, APOLLO).
+8-bit states are quantized in blocks of each rank's own rows, so they load only at the world
+size that saved them: elsewhere the global shape of ``*_absmax`` differs and DCP refuses the
+checkpoint with a size mismatch naming it (tested), never reading one block layout as another.
 """
 
 from __future__ import annotations
@@ -82,6 +125,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ShardedParam",
+    "check_reduced_grad",
     "distribute_state",
     "global_param",
     "is_dtensor",
@@ -201,6 +245,27 @@ class ShardedParam:
         return total
 
 
+def check_reduced_grad(param: Tensor, what: str) -> None:
+    """Refuse a DTensor parameter's gradient that is not FSDP2's reduced row shard.
+
+    FSDP2 hands over ``Shard(0)`` gradients that its reduce-scatter already averaged over the
+    ranks; a ``Partial`` gradient (tensor parallelism, or a sum not reduced yet) would be
+    updated from as if it were the whole gradient, so it is refused, naming ``what``.
+    """
+    from torch.distributed.tensor import Shard
+
+    grad = param.grad
+    placements = tuple(grad.placements) if is_dtensor(grad) else None  # type: ignore[union-attr]
+    if placements != (Shard(0),):
+        raise NotImplementedError(
+            f"{what}: the gradient of this row-sharded (DTensor) parameter is "
+            f"{'a plain tensor' if placements is None else f'a DTensor with placements {placements}'}, "
+            "not FSDP2's reduced row shard (Shard(0)); lowmem updates DTensor parameters from the "
+            "gradients fully_shard hands over: use fully_shard(..., mesh=init_device_mesh(device, "
+            "(world_size,)))"
+        )
+
+
 def reduce_sum_of(optimizer: Any) -> Callable[[Tensor], Tensor] | None:
     """The all-reduce sum of the parameter being updated when it is row-sharded, else None."""
     shard = getattr(optimizer, "_active_shard", None)
@@ -222,28 +287,15 @@ def _check_supported(optimizer: LowRankOptimizer, param: Tensor, side: str | Non
 
     name = type(optimizer).__name__
     what = f"{name}: a row-sharded (FSDP2) parameter of shape {tuple(param.shape)}"
-    if optimizer._layerwise is not None:
-        raise NotImplementedError(
-            f"{what} with layerwise=True: FSDP2 reduce-scatters gradients after its own hooks; "
-            "use step() with FSDP2, or layer-wise stepping under DDP (register_layerwise_ddp_hook)"
-        )
-    if optimizer._layerwise_options.max_grad_norm_per_param is not None:
-        raise NotImplementedError(
-            f"{what} with max_grad_norm_per_param: the norm of a parameter spans every rank's rows; "
-            "clip with torch.nn.utils.clip_grad_norm_ (which handles DTensors) instead"
-        )
     if side is None and isinstance(optimizer, AdamLowRankOptimizer):
         return  # element-wise AdamW on the local rows
-    if side is not None and isinstance(optimizer, (GaLoreAdamW, FiraAdamW, ApolloAdamW, GaLoreAdafactor)):
+    if isinstance(optimizer, GaLoreAdafactor):
+        # Plain groups: matrices get their column means all-reduced, vectors are element-wise, and
+        # more dims (conv weights) factor over the last two dims, which never include the sharded
+        # dim 0: only the RMS values span the ranks (GaLoreAdafactor._full_rank_step).
         return
-    if side is None and isinstance(optimizer, GaLoreAdafactor):
-        if param.dim() <= 2:
-            return  # factored over the rows (column means all-reduced) or element-wise (1-D)
-        raise NotImplementedError(
-            f"{what} in a plain group: sharded Adafactor factors matrices and vectors only, not "
-            f"{param.dim()}-D tensors; put this parameter in a low-rank group (rank < min(m, n)), "
-            "or use an Adam-family optimizer for it, or GaLoreAdafactor under DistributedDataParallel"
-        )
+    if side is not None and isinstance(optimizer, (GaLoreAdamW, FiraAdamW, ApolloAdamW)):
+        return
     raise NotImplementedError(
         f"{what} in a {'low-rank' if side else 'plain'} group: {name} needs statistics over the whole "
         "matrix (factored moments) that are not implemented across ranks yet; use "
@@ -318,9 +370,12 @@ def distribute_state(
                 entry[key] = _to_dtensor(value, param, Shard(1), (value.shape[0], _columns(param)))
             elif key.endswith("_absmax"):
                 blocks = _padded_blocks(param, state[index][key.removesuffix("_absmax")])
-                padded = torch.zeros(blocks, dtype=value.dtype, device=value.device)
-                padded[: value.numel()] = value
-                entry[key] = _to_dtensor(padded, param, Shard(0), (blocks * size,))
+                padded = torch.zeros(1, blocks, dtype=value.dtype, device=value.device)
+                padded[0, : value.numel()] = value
+                # One row of scales per rank: the global shape (world size, blocks) differs between
+                # world sizes, so DCP refuses a checkpoint of another world size (a size mismatch
+                # naming *_absmax) instead of reading one layout of blocks as another.
+                entry[key] = _to_dtensor(padded, param, Shard(0), (size, blocks))
             else:  # moments: the parameter's rows (plain groups) or the rows of R (m×r)
                 entry[key] = _to_dtensor(value, param, Shard(0), (param.shape[0], *value.shape[1:]))
         state[index] = entry
@@ -343,4 +398,4 @@ def localize_state(optimizer: LowRankOptimizer) -> None:
                     entry[key] = value.to_local()
             for key in [k for k in entry if k.endswith("_absmax")]:
                 codes = entry[key.removesuffix("_absmax")]
-                entry[key] = entry[key][: num_blocks(codes.numel())].clone()
+                entry[key] = entry[key].reshape(-1)[: num_blocks(codes.numel())].clone()

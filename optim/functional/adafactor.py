@@ -120,12 +120,13 @@ def _factored_direction(
     """
     squared = grad**2 + eps1
     row.mul_(beta2).add_(squared.mean(dim=-1), alpha=1.0 - beta2)
-    if reduce_sum is None:
+    # A tensor of 3+ dims (a conv weight (out, in, k...)) is factored over its last two dims, for
+    # each index of the leading ones; FSDP2 shards dim 0, a leading dim, so its statistics are the
+    # rank's own and need no reduction (only RMS(W) and RMS(U) below span the whole tensor).
+    if reduce_sum is None or grad.dim() > 2:
         col_mean = squared.mean(dim=-2)
         row_mean = row.mean(dim=-1, keepdim=True)
     else:
-        if grad.dim() != 2:
-            raise ValueError(f"a row-sharded factored moment needs a matrix, got shape {tuple(grad.shape)}")
         local = torch.cat([squared.sum(dim=0), row.sum().reshape(1), row.new_tensor([float(grad.shape[0])])])
         total = reduce_sum(local)
         col_mean, row_mean = total[:-2] / total[-1], total[-2:-1] / total[-1]

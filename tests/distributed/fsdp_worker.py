@@ -2,14 +2,18 @@
 
 ``python fsdp_worker.py RANK WORLD_SIZE INIT_FILE OUT_DIR`` runs, in one launch:
 
-1. ``exact``: the two-layer model of :mod:`ddp_worker` with each layer and the root
-   ``fully_shard``-ed, trained on each rank's half of every global batch for every case of
-   :data:`EXACT_CASES`; saves the full parameters (``full_tensor``) for comparison with one
-   process on DDP's arithmetic.
-2. ``llama``: the micro LLaMA of :mod:`lowmem.bench.fsdp_example` with GaLoreAdamW, under FSDP2
+1. ``exact``: the two-layer model of :mod:`ddp_worker` (or :class:`ConvTwo`) with each layer
+   and the root ``fully_shard``-ed, trained on each rank's half of every global batch for every
+   case of :data:`EXACT_CASES`; saves the full parameters (``full_tensor``) for comparison with
+   one process on DDP's arithmetic. Layer-wise cases (``layerwise=True``: FSDP2 runs the
+   optimizer's hooks after its reduce-scatter) split the half into ``accumulation_steps``
+   micro-batches, cut the last window short with ``close_window()``, and record whether each
+   update happened inside backward (parameters moved, gradients freed, before ``step()``).
+2. ``grad_memory``: the sharded gradient bytes a rank holds at its peak, layer-wise vs ``step()``.
+3. ``llama``: the micro LLaMA of :mod:`lowmem.bench.fsdp_example` with GaLoreAdamW, under FSDP2
    and under DDP with the same global batches: losses, held-out loss and optimizer-state bytes
    per rank.
-3. ``resume``: the FSDP2 run checkpointed with ``torch.distributed.checkpoint`` midway, then
+4. ``resume``: the FSDP2 run checkpointed with ``torch.distributed.checkpoint`` midway, then
    resumed into a fresh model and optimizer; saves both final parameters and optimizer states.
 """
 
@@ -54,6 +58,9 @@ from lowmem.optim import (
 F64, F32 = torch.float64, torch.float32
 RIGHT = {"rank": 2, "proj_type": "right", **GAP}
 ADAFACTOR_LR = {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "weight_decay": 0.1}
+#: Per-parameter clipping threshold: below every gradient norm of these runs, so every update clips.
+CLIP = 1e-3
+CONV_CHANNELS, CONV_LENGTH = 4, 7
 # name -> the fields of ddp_worker.Case: (layer factory, param dtype, optimizer class, groups(model),
 # optimizer kwargs, flags). proj_type="right": the side FSDP projects a row-sharded weight on, so one
 # process computes the same update.
@@ -127,63 +134,257 @@ EXACT_CASES: dict[str, Case] = {
     "low_rank": CASES["low_rank"],
     "int8_linear": (CASES["int8_linear"][0], F32, GaLoreAdamW, _all, ADAM, set()),
     "offload": (_linear(F64), F64, GaLoreAdamW, lambda m: _split(m, **RIGHT), ADAM, {"offload"}),
+    # Per-parameter clipping: the norm of the whole gradient, squared norms all-reduced.
+    "galore_clip": (
+        _linear(F64),
+        F64,
+        GaLoreAdamW,
+        lambda m: _split(m, **RIGHT),
+        {**ADAM, "max_grad_norm_per_param": CLIP},
+        set(),
+    ),
+    # Conv weights (out, in, k) in a plain Adafactor group: factored over (in, k), inside each
+    # rank's rows (out = 5: 3 and 2 rows); RMS(W) and RMS(U) (clip_threshold) all-reduced.
+    "adafactor_conv": (
+        None,
+        F64,
+        GaLoreAdafactor,
+        _all,
+        {"beta1": 0.9, "clip_threshold": 0.5, "weight_decay": 0.1},
+        {"conv"},
+    ),
+    # Layer-wise: FSDP2 runs the hooks after its reduce-scatter, on the averaged row shards.
+    # accumulation_steps=2: FSDP2 adds the 2nd micro-batch's reduced shard into .grad (GaLore
+    # projects the 1st at once outside refresh windows); the scheduler halves lr every update.
+    "layerwise_galore_k2_sched": (
+        _linear(F64),
+        F64,
+        GaLoreAdamW,
+        lambda m: _split(m, **RIGHT),
+        {**ADAM, "layerwise": True, "accumulation_steps": 2},
+        {"sched"},
+    ),
+    "layerwise_galore8bit": (
+        _linear(F32),
+        F32,
+        GaLoreAdamW8bit,
+        lambda m: _split(m, **RIGHT),
+        {**ADAM, "min_8bit_size": 0, "layerwise": True},
+        {"sched"},
+    ),
+    # Fira's ‖S‖ and the clipping norm: all-reduces issued from inside the hooks.
+    "layerwise_fira_k2_clip": (
+        _linear(F64),
+        F64,
+        FiraAdamW,
+        lambda m: _split(m, **RIGHT),
+        {**ADAM, "layerwise": True, "accumulation_steps": 2, "max_grad_norm_per_param": CLIP},
+        set(),
+    ),
+    "layerwise_apollo": (
+        _linear(F64),
+        F64,
+        ApolloAdamW,
+        lambda m: _split(m, **RIGHT),
+        {**ADAM, "layerwise": True},
+        {"sched"},
+    ),
+    # FSDP2's own accumulation: set_requires_gradient_sync(False) on the 1st of 2 micro-batches
+    # (no reduce-scatter, so no hook runs), accumulation_steps=1 (counting is FSDP2's then).
+    "layerwise_galore_no_sync": (
+        _linear(F64),
+        F64,
+        GaLoreAdamW,
+        lambda m: _split(m, **RIGHT),
+        {**ADAM, "layerwise": True},
+        {"no_sync"},
+    ),
 }
+#: Optimizer keywords of layer-wise stepping: the single-process reference runs step() without them.
+LAYERWISE_KEYS = ("layerwise", "accumulation_steps")
 
 
-def _model_and_optimizer(name: str, mesh: Any = None) -> tuple[nn.Module, Any, Any]:
-    make_layer, _, optimizer_cls, groups, kwargs, flags = EXACT_CASES[name]
+class ConvTwo(nn.Module):
+    """``layer2(tanh(layer1(x)))`` with 1-D convolutions: 3-D weights (5, 4, 3) and (4, 5, 3)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer1 = nn.Conv1d(CONV_CHANNELS, 5, 3, padding=1, dtype=dtype)
+        self.layer2 = nn.Conv1d(5, CONV_CHANNELS, 3, padding=1, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(torch.tanh(self.layer1(x)))
+
+
+def _batch(name: str, step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if "conv" not in EXACT_CASES[name][5]:
+        return batch(step, dtype)
+    gen = torch.Generator().manual_seed(2000 + step)
+    shape = (GLOBAL_BATCH, CONV_CHANNELS, CONV_LENGTH)
+    x, y = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    return x.to(dtype), y.to(dtype)
+
+
+def _model_and_optimizer(name: str, mesh: Any = None) -> tuple[nn.Module, Any, Any, Any]:
+    """The case's model (FSDP2-sharded on ``mesh``), optimizer, offload context and scheduler.
+
+    Without ``mesh`` (the single-process reference) the optimizer is built without the
+    layer-wise keywords: one process on the global batch with step().
+    """
+    make_layer, dtype, optimizer_cls, groups, kwargs, flags = EXACT_CASES[name]
     torch.manual_seed(0)
-    model = TwoLayer(make_layer)
+    model = ConvTwo(dtype) if "conv" in flags else TwoLayer(make_layer)
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 
         for layer in (model.layer1, model.layer2):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    else:
+        kwargs = {key: value for key, value in kwargs.items() if key not in LAYERWISE_KEYS}
     # keep=model with DTensor parameters: their local shards' storages are the ones kept.
     offload = (
         offload_activations(keep=model, emulate_device=True, min_bytes=0) if "offload" in flags else None
     )
-    return model, optimizer_cls(groups(model), **kwargs), offload
+    opt = optimizer_cls(groups(model), **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if "sched" in flags else None
+    return model, opt, offload, sched
 
 
-def _halves_loss(model: nn.Module, offload: Any, step: int, dtype: torch.dtype, shard: int, world: int):
-    x, y = batch(step, dtype)
-    half = slice(shard * GLOBAL_BATCH // world, (shard + 1) * GLOBAL_BATCH // world)
-    return _loss(model, x[half], y[half], offload)
+def _part_loss(
+    name: str,
+    model: nn.Module,
+    offload: Any,
+    step: int,
+    shard: int,
+    world: int,
+    part: int = 0,
+    parts: int = 1,
+) -> torch.Tensor:
+    """The loss of micro-batch ``part`` of ``parts`` of rank ``shard``'s share of global batch ``step``,
+    divided by ``parts`` (accumulated gradients are summed)."""
+    x, y = _batch(name, step, EXACT_CASES[name][1])
+    size = GLOBAL_BATCH // world // parts
+    rows = slice(
+        shard * GLOBAL_BATCH // world + part * size, shard * GLOBAL_BATCH // world + (part + 1) * size
+    )
+    loss = _loss(model, x[rows], y[rows], offload)
+    return loss / parts if parts > 1 else loss
+
+
+def _moved(model: nn.Module, before: list[torch.Tensor]) -> list[bool]:
+    """Per parameter, whether it differs from ``before`` (every rank gathers every parameter)."""
+    params = [param.full_tensor() for param in model.parameters()]
+    return [not torch.equal(param, old) for param, old in zip(params, before, strict=True)]
+
+
+def _window(name: str, model: nn.Module, opt: Any, offload: Any, step: int, rank: int, world: int) -> dict:
+    """One update of a layer-wise case; returns what was observed around it.
+
+    ``moved_early``: a parameter moved before the window's last backward (it must not);
+    ``in_backward``: after the last backward and before step(), every parameter moved and no
+    gradient is left (the update ran inside backward and freed them). The last update of an
+    accumulating case gets a single micro-batch (the whole half) and ``close_window()``.
+    """
+    flags, k = EXACT_CASES[name][5], EXACT_CASES[name][4].get("accumulation_steps", 1)
+    short = k > 1 and step == STEPS - 1
+    parts = 1 if short else (2 if "no_sync" in flags else k)
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    moved_early = False
+    for part in range(parts):
+        if "no_sync" in flags:
+            model.set_requires_gradient_sync(part == parts - 1)
+        _part_loss(name, model, offload, step, rank, world, part, parts).backward()
+        if part < parts - 1 or short:
+            moved_early |= any(_moved(model, before))
+    if short:
+        opt._layerwise.close_window(opt)  # the loader ran out: apply what this window holds
+    moved = all(_moved(model, before))
+    freed = all(p.grad is None for p in model.parameters())
+    return {"moved_early": moved_early, "in_backward": moved and freed}
 
 
 def train_exact(name: str, mesh: Any, rank: int, world_size: int) -> dict[str, Any]:
     """:data:`STEPS` FSDP2 updates of case ``name`` on this rank's half of each global batch.
 
-    Returns the full parameters and, per parameter, this rank's (codes, block scales) sizes of
-    8-bit states, to check that blocks are per shard.
+    Returns the full parameters; per parameter, this rank's (codes, block scales) sizes of
+    8-bit states, to check that blocks are per shard; for layer-wise cases, per update, what
+    :func:`_window` observed.
     """
-    model, opt, offload = _model_and_optimizer(name, mesh)
-    dtype = EXACT_CASES[name][1]
+    model, opt, offload, sched = _model_and_optimizer(name, mesh)
+    layerwise = EXACT_CASES[name][4].get("layerwise", False)
+    windows = []
     for step in range(STEPS):
-        _halves_loss(model, offload, step, dtype, rank, world_size).backward()
+        if layerwise:
+            windows.append(_window(name, model, opt, offload, step, rank, world_size))
+        else:
+            _part_loss(name, model, offload, step, rank, world_size).backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad()
     blocks = {
         key: (opt.state[param]["exp_avg"].numel(), opt.state[param]["exp_avg_absmax"].numel())
         for key, param in model.named_parameters()
         if "exp_avg_absmax" in opt.state[param]
     }
-    return {"params": {key: param.full_tensor() for key, param in model.named_parameters()}, "blocks": blocks}
+    params = {key: param.full_tensor() for key, param in model.named_parameters()}
+    return {"params": params, "blocks": blocks, "windows": windows}
 
 
 def train_exact_reference(name: str, world_size: int = 2) -> dict[str, torch.Tensor]:
-    """One process, each gradient formed as (g₀/2) + (g₁/2) from the two halves (FSDP's mean)."""
-    model, opt, offload = _model_and_optimizer(name)
-    dtype = EXACT_CASES[name][1]
+    """One process, each gradient formed as (g₀/2) + (g₁/2) from the two halves (FSDP's mean),
+    step() without layer-wise stepping."""
+    model, opt, offload, sched = _model_and_optimizer(name)
     for step in range(STEPS):
         set_mean_gradient(
-            model, opt, lambda k, step=step: _halves_loss(model, offload, step, dtype, k, world_size)
+            model, opt, lambda k, step=step: _part_loss(name, model, offload, step, k, world_size)
         )
         opt.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad()
     return {key: param.detach().clone() for key, param in model.named_parameters()}
+
+
+def grad_memory(mesh: Any, layerwise: bool) -> dict[str, Any]:
+    """Sharded gradient bytes this rank holds: the peak, and the storages alive after backward.
+
+    A 4-layer stack of 32×32 linears, each layer ``fully_shard``-ed, GaLoreAdamW (rank 4), 2
+    updates. Gradients are counted by storage (FSDP2's sharded gradients of one layer are views
+    of that layer's reduce-scatter output) in a post-accumulate-grad hook registered before the
+    optimizer's, so it sees each gradient the moment FSDP2 sets it, before an update frees it,
+    and once more after each backward.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = list(model.parameters())
+    peak = [0]
+
+    def live() -> dict[int, int]:
+        grads = [p.grad._local_tensor for p in params if p.grad is not None]
+        return {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads}
+
+    def measure(_: torch.Tensor) -> None:
+        peak[0] = max(peak[0], sum(live().values()))
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(measure)
+    opt = GaLoreAdamW(_split(model, **RIGHT), lr=1e-3, layerwise=layerwise)
+    after_backward = []
+    for step in range(2):
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
+        after_backward.append(sorted(live().values()))
+        measure(x)
+        opt.step()
+        opt.zero_grad()
+    return {"peak": peak[0], "after_backward": after_backward}
 
 
 def refusals(mesh: Any) -> dict[str, str]:
@@ -192,21 +393,29 @@ def refusals(mesh: Any) -> dict[str, str]:
 
     out = {}
     attempts = {
-        # a 3-D (conv) weight in a plain Adafactor group: factored over its last two dims only
-        "adafactor_conv": (GaLoreAdafactor, _all),
-        "proj_left": (GaLoreAdamW, lambda m: _split(m, rank=2, proj_type="left")),
+        "proj_left": (lambda m: _split(m, rank=2, proj_type="left"), {}, True),
+        # FSDP2 already averaged the gradients the hooks get: a second all-reduce is refused.
+        "layerwise_process_group": (
+            _all,
+            {"layerwise": True, "process_group": torch.distributed.group.WORLD},
+            True,
+        ),
+        # The root not sharded: layer2's plain parameters get local, un-reduced gradients, which
+        # the layer-wise guard still refuses while it accepts layer1's FSDP2 shards.
+        "layerwise_plain_param": (_all, {"layerwise": True}, False),
     }
-    for name, (optimizer_cls, groups) in attempts.items():
+    for name, (groups, kwargs, shard_root) in attempts.items():
         torch.manual_seed(0)
-        conv = optimizer_cls is GaLoreAdafactor
-        model = nn.Conv1d(4, 6, 3, dtype=F64) if conv else TwoLayer(_linear(F64))
-        fully_shard(model, mesh=mesh)
-        opt = optimizer_cls(groups(model), **(ADAFACTOR_LR if conv else ADAM))
-        x, y = (torch.randn(2, 4, 5, dtype=F64), 0.0) if conv else batch(0, F64)
-        ((model(x) - y) ** 2).mean().backward()
+        model = TwoLayer(_linear(F64))
+        fully_shard(model.layer1, mesh=mesh)
+        if shard_root:
+            fully_shard(model, mesh=mesh)
+        opt = GaLoreAdamW(groups(model), **ADAM, **kwargs)
+        x, y = batch(0, F64)
         try:
+            ((model(x) - y) ** 2).mean().backward()
             opt.step()
-        except (NotImplementedError, ValueError) as exc:
+        except (NotImplementedError, ValueError, RuntimeError) as exc:
             out[name] = f"{type(exc).__name__}: {exc}"
         else:
             out[name] = "no error"
@@ -222,6 +431,9 @@ def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         mesh = init_device_mesh("cpu", (world_size,))
         results: dict[str, Any] = {"exact": {n: train_exact(n, mesh, rank, world_size) for n in EXACT_CASES}}
         results["refusals"] = refusals(mesh)
+        results["grad_memory"] = {
+            mode: grad_memory(mesh, mode == "layerwise") for mode in ("step", "layerwise")
+        }
         config = fsdp_example.Config()
         results["llama_fsdp"] = fsdp_example.train(config, mesh, engine="fsdp")
         results["llama_ddp"] = fsdp_example.train(config, mesh, engine="ddp")

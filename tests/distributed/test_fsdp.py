@@ -14,6 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ddp_worker import STEPS
 from fsdp_worker import EXACT_CASES, train_exact_reference
 from gloo_launch import launch
 
@@ -33,7 +34,7 @@ ATOL_8BIT = 2e-3
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("fsdp")
-    return launch(Path(__file__).with_name("fsdp_worker.py"), tmp, timeout=150)
+    return launch(Path(__file__).with_name("fsdp_worker.py"), tmp, timeout=180)
 
 
 @pytest.mark.parametrize("name", list(EXACT_CASES))
@@ -45,6 +46,14 @@ def test_fsdp_matches_one_process(fsdp_results: list[dict], name: str) -> None:
     for key, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][key]), f"{name} {key}: the ranks differ"
         torch.testing.assert_close(value, expected[key], rtol=0, atol=atol, msg=f"{name} {key}")
+    assert rank0["windows"] == rank1["windows"], f"{name}: the ranks' updates ran at different moments"
+    if EXACT_CASES[name][4].get("layerwise"):
+        assert len(rank0["windows"]) == STEPS
+        for step, window in enumerate(rank0["windows"]):
+            assert not window["moved_early"], f"{name} update {step + 1}: a parameter moved mid-window"
+            assert window["in_backward"], (
+                f"{name} update {step + 1}: not updated (or .grad kept) before step()"
+            )
     if "8bit" in name:
         assert rank0["blocks"], "no 8-bit state was created"
         for key, (codes, scales) in {**rank0["blocks"], **rank1["blocks"]}.items():
@@ -76,11 +85,24 @@ def test_fsdp_dcp_checkpoint_resumes_bit_for_bit(fsdp_results: list[dict]) -> No
             assert torch.equal(value, resumed[key]), key
 
 
+def test_fsdp_layerwise_holds_one_layers_gradient(fsdp_results: list[dict]) -> None:
+    """Layer-wise under FSDP2 frees each layer's sharded gradient in its hook: the peak is the
+    largest layer's reduce-scatter output, where step() holds every layer's until step()."""
+    for result in fsdp_results:
+        step, layerwise = result["grad_memory"]["step"], result["grad_memory"]["layerwise"]
+        storages = step["after_backward"][0]
+        assert len(storages) == 4, storages  # one reduce-scatter output per sharded layer
+        assert step["peak"] == sum(storages)
+        assert layerwise["peak"] == max(storages)
+        assert layerwise["after_backward"] == [[], []], "layer-wise left gradients behind"
+
+
 @pytest.mark.parametrize(
     ("case", "needle"),
     [
-        ("adafactor_conv", "3-D"),
         ("proj_left", "proj_type"),
+        ("layerwise_process_group", "process_group"),
+        ("layerwise_plain_param", "local gradient"),
     ],
 )
 def test_fsdp_unsupported_combinations_raise_clearly(

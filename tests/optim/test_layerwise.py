@@ -812,3 +812,41 @@ def test_close_window_applies_a_short_accumulation_window() -> None:
     loss(lw, xs[2]).backward()
     assert torch.equal(lw.detach(), after_first)  # position 0 of a new window of 3
     assert opt._layerwise.position == 0
+
+
+def test_layerwise_hook_accepts_fsdp_shards_only(tmp_path: Path) -> None:
+    """The multi-rank guard's DTensor branch (FSDP2 runs the hooks itself, after its reduce-scatter;
+    tests/distributed/test_fsdp.py covers 2 ranks): a ``Shard(0)`` gradient is updated from and
+    freed, a ``Partial`` one (not reduced) is refused, and so is ``process_group`` (a second
+    average). A one-rank gloo group in this process, destroyed afterwards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(0)
+        weight, grad = (torch.randn(6, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+        groups = {"rank": 2, "proj_type": "right"}
+
+        def backward(grad_placement: Any, **kwargs: Any) -> tuple[torch.nn.Parameter, GaLoreAdamW]:
+            """A DTensor parameter whose backward hands the hook ``grad`` with ``grad_placement``."""
+            param = torch.nn.Parameter(DTensor.from_local(weight.clone(), mesh, [Shard(0)]))
+            opt = GaLoreAdamW([{"params": [param], **groups}], layerwise=True, **kwargs)
+            (param.to_local(grad_placements=[grad_placement]) * grad).sum().backward()
+            return param, opt
+
+        param, _ = backward(Shard(0))
+        assert param.grad is None, "the hook did not free the gradient"
+        ref = torch.nn.Parameter(weight.clone())
+        ref.grad = grad.clone()
+        GaLoreAdamW([{"params": [ref], **groups}]).step()
+        torch.testing.assert_close(param.to_local(), ref.detach(), rtol=0, atol=1e-15)
+
+        with pytest.raises(NotImplementedError, match=r"not FSDP2's reduced row shard \(Shard\(0\)\)"):
+            backward(Partial())
+        with pytest.raises(ValueError, match=r"Invalid process_group: .* already averaged"):
+            backward(Shard(0), process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
