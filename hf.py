@@ -52,7 +52,55 @@ Data parallel (DDP, launched by torchrun or accelerate)
     ``accumulation_steps=1`` (the Trainer accumulates in accelerate's ``no_sync``), and
     ``TrainingArguments(ddp_find_unused_parameters=False)`` is required. DDP keeps every gradient
     in its buckets, so layer-wise mode under DDP saves no gradient memory (see that module).
-    Layer-wise mode under FSDP or DeepSpeed is refused.
+    Layer-wise mode under accelerate's FSDP plugin (``TrainingArguments(fsdp=...)``) or DeepSpeed
+    is refused; under FSDP2 with the model sharded at load time it works (next section).
+
+Fully sharded data parallel (FSDP2, launched by torchrun)
+    Load the model sharded, then build the optimizer on it, as in one process::
+
+        from transformers import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=8))
+        args = TrainingArguments("out", ..., save_strategy="no")   # or save_only_model=True
+        trainer = lowmem.hf.LowmemTrainer(model=model, args=args, train_dataset=dataset,
+            optimizer_cls_and_kwargs=lowmem.hf.optimizer_cls_and_kwargs(
+                "galore_adamw", args, model, target_modules=["self_attn", "mlp"], rank=128))
+
+    transformers ``fully_shard``-s the model at load time (its ``_fsdp_plan``: each decoder layer,
+    then the root), so the parameters are already row-sharded DTensors when the optimizer is
+    built, ``target_modules`` match the same module names, and the Trainer neither wraps the
+    model in DDP nor shards it again; gradient accumulation defers FSDP's reduce-scatter to the
+    last micro-batch. Each rank updates its own rows (:mod:`lowmem.optim.sharded`: GaLore, Fira
+    and APOLLO project on the unsharded side, ``proj_type`` ``"std"`` / ``"reverse_std"`` /
+    ``"right"``), so optimizer state per rank is 1/world_size of one process's. This path works
+    on CPU (gloo) and GPUs (nccl). Its limits are transformers': the Trainer refuses to
+    checkpoint the optimizer of a model sharded at load time (``save_strategy="no"`` or
+    ``save_only_model=True``); ``transformers.distributed.checkpoint.save_optimizer_distributed``
+    / ``load_optimizer_distributed`` (DCP) save and restore a lowmem optimizer outside the
+    Trainer. ``TrainingArguments(fsdp=...)`` (accelerate's FSDP plugin) does not shard on CPU:
+    accelerate keeps a multi-CPU run data parallel, so :class:`LowmemTrainer` refuses it there
+    instead of training unsharded.
+
+    Layer-wise names (``"galore_adamw_layerwise"``, ...) work on such a model too. FSDP2 itself
+    runs each sharded parameter's update hook after its reduce-scatter, with the averaged row
+    shard as ``.grad`` (:mod:`lowmem.optim.layerwise`, "FSDP2"), so each rank updates its rows
+    inside backward and frees that shard: a rank holds one layer's sharded gradient at a time.
+    The Trainer turns gradient sync off (``set_requires_gradient_sync(False)``) for all but the
+    last micro-batch of an update, so the hooks run once per update, after the last backward,
+    on the sum of its micro-batches: the optimizer takes ``accumulation_steps=1``, as under DDP
+    (with ``gradient_accumulation_steps`` instead, every update would wait in ``.grad`` for
+    ``step()``). Between those micro-batches FSDP2 holds every layer's *unsharded* gradient
+    (world_size times the sharded one), so with ``gradient_accumulation_steps > 1`` layer-wise
+    mode saves only the sharded gradients that ``step()`` would hold after backward; with
+    ``accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}}`` the Trainer
+    reduce-scatters every micro-batch instead, the optimizer then counts
+    ``gradient_accumulation_steps`` micro-batches itself (GaLore accumulating projected shards)
+    and gradient memory stays sharded, at the cost of a reduce-scatter per micro-batch.
+    ``max_grad_norm=0`` as in one process; the logged ``grad_norm`` is the norm of the whole
+    gradient (each rank's squared norm of its rows, all-reduced once per update). A
+    model sharded some other way (``fully_shard`` called by hand) is refused in layer-wise mode:
+    the Trainer defers the reduce-scatter only for a model transformers sharded, which is what
+    ``accumulation_steps=1`` relies on.
 
 Activation memory and layer conversions
     ``LowmemTrainer(..., activation_memory=ActivationMemory(checkpoint=True, offload=True))``
@@ -92,6 +140,7 @@ from lowmem.optim import (
     GaLoreAdamW8bit,
 )
 from lowmem.optim.lowrank_base import LowRankOptimizer
+from lowmem.optim.sharded import is_dtensor, local_tensor
 
 __all__ = [
     "OPTIMIZER_NAMES",
@@ -180,6 +229,8 @@ class TrainerStepping:
     - records ‖g‖² (fp32) of every gradient an update consumes, before per-parameter clipping
       (the accumulated gradient; with GaLore's low-rank accumulation, the projected one) and
       publishes sqrt of the sum at each ``step()`` as :attr:`last_grad_norm` (a 0-d tensor);
+      for FSDP2-sharded parameters each rank sums its rows' ‖g_k‖² and ``step()`` all-reduces
+      the sum over the mesh, so every rank publishes the norm of the whole gradient;
     - ``step()`` closes an accumulation window the Trainer ended early: the Trainer steps once
       per update and runs fewer micro-batches than ``gradient_accumulation_steps`` in the last
       update of an epoch whose length is not a multiple of it (scaling their loss to a mean),
@@ -189,13 +240,18 @@ class TrainerStepping:
     #: sqrt(Σ‖g‖²) over the gradients of the last update (layer-wise only; None before the first).
     last_grad_norm: Tensor | None = None
     _grad_sq_sum: Tensor | None = None
+    _grad_sq_group: Any = None  # FSDP2: the mesh's process group, whose ranks hold the other rows
 
     def _step_param(
         self, param: Tensor, group: dict[str, Any], side: Any, projected_grad: Tensor | None = None
     ) -> None:
         if self._layerwise is not None:  # type: ignore[attr-defined]
             grad = param.grad if projected_grad is None else projected_grad
-            sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            if is_dtensor(param):
+                # FSDP2: the gradient is this rank's rows; step() adds the ranks' sums (one
+                # all-reduce per update, not one per parameter inside backward).
+                self._grad_sq_group = param.device_mesh.get_group()  # type: ignore[attr-defined]
+            sq = torch.linalg.vector_norm(local_tensor(grad), dtype=torch.float32).square()
             total = self._grad_sq_sum
             self._grad_sq_sum = sq if total is None else total + sq.to(total.device)
         super()._step_param(param, group, side, projected_grad)  # type: ignore[misc]
@@ -209,7 +265,12 @@ class TrainerStepping:
             stepper.close_window(self)
         loss = super().step(closure)  # type: ignore[misc]
         if stepper is not None and self._grad_sq_sum is not None:
-            self.last_grad_norm = self._grad_sq_sum.sqrt()
+            total = self._grad_sq_sum
+            if self._grad_sq_group is not None:
+                # Every rank steps every parameter (even one with no local rows), so every rank of
+                # the mesh reaches this all-reduce once per update.
+                torch.distributed.all_reduce(total, group=self._grad_sq_group)
+            self.last_grad_norm = total.sqrt()
             self._grad_sq_sum = None
         return loss
 
@@ -329,7 +390,7 @@ def _check_options(name: str, spec: _Spec, options: dict[str, Any]) -> None:
         raise ValueError(f"lowmem.hf: unknown option {key!r} for {name!r}; valid options: {', '.join(valid)}")
 
 
-def _check_layerwise_args(args: TrainingArguments) -> None:
+def _check_layerwise_args(args: TrainingArguments, model: nn.Module) -> None:
     """Raise for Trainer settings that cannot work when updates happen inside backward."""
     if args.max_grad_norm:
         raise ValueError(
@@ -345,10 +406,29 @@ def _check_layerwise_args(args: TrainingArguments) -> None:
         )
     if args.deepspeed or args.fsdp:
         raise ValueError(
-            "lowmem.hf: layer-wise updates under FSDP or DeepSpeed are not supported (they shard and reduce "
-            "gradients after the update hooks ran); drop layerwise, or train with plain data parallel (DDP)"
+            "lowmem.hf: layer-wise updates under accelerate's FSDP or DeepSpeed are not supported (they "
+            "shard and reduce gradients after the update hooks ran); drop layerwise, load the model sharded "
+            "with from_pretrained(..., distributed_config=transformers.DistributedConfig("
+            "fsdp_size=world_size)) and drop fsdp from the TrainingArguments, or train with plain data "
+            "parallel (DDP)"
         )
-    if _data_parallel(args) and args.ddp_find_unused_parameters is not False:
+    if _sharded(model) and not _sharded_at_load(model):
+        raise ValueError(
+            "lowmem.hf: layer-wise updates on a model whose parameters are FSDP2-sharded (DTensors) by "
+            "something other than transformers' loading: under the Trainer, layer-wise mode supports FSDP2 "
+            "for models sharded at load time, from_pretrained(..., distributed_config="
+            "transformers.DistributedConfig(fsdp_size=world_size)), whose reduce-scatter the Trainer defers "
+            "to the last micro-batch of an update (which is how the optimizer counts them); load the model "
+            "that way, or drop layerwise"
+        )
+    if _data_parallel(args, model) and _sync_each_batch(args):
+        raise ValueError(
+            "lowmem.hf: layer-wise updates under DDP run in DDP's communication hook once per update, on "
+            "the gradients accumulated without sync; accelerator_config's gradient_accumulation_kwargs="
+            "{'sync_each_batch': True} would run it after every micro-batch: drop sync_each_batch, or drop "
+            "layerwise"
+        )
+    if _data_parallel(args, model) and args.ddp_find_unused_parameters is not False:
         raise ValueError(
             "lowmem.hf: layer-wise updates under DDP run in DDP's communication hook, which would update "
             "unused parameters from the zeros DDP fills in for them with find_unused_parameters=True (the "
@@ -357,20 +437,48 @@ def _check_layerwise_args(args: TrainingArguments) -> None:
         )
 
 
-def _data_parallel(args: TrainingArguments) -> bool:
-    """Whether the Trainer will wrap the model in DDP (several processes, neither FSDP nor DeepSpeed)."""
-    return args.world_size > 1 and not (args.deepspeed or args.fsdp)
+def _sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds DTensor parameters (FSDP2: ``from_pretrained(distributed_config=...)``)."""
+    return any(is_dtensor(param) for param in model.parameters())
 
 
-def _layerwise_accumulation_steps(args: TrainingArguments) -> int:
+def _sharded_at_load(model: nn.Module) -> bool:
+    """Whether transformers sharded ``model`` when loading it (``distributed_config=...``): the
+    Trainer then neither wraps it in DDP nor shards it again, and defers its gradient reduction
+    to the last micro-batch of each update itself (``Trainer._defer_fsdp_gradient_reduction``)."""
+    return bool(getattr(model, "is_distributed_loading_by_transformers", False))
+
+
+def _data_parallel(args: TrainingArguments, model: nn.Module) -> bool:
+    """Whether the Trainer will wrap the model in DDP (several processes, neither FSDP nor DeepSpeed,
+    nor a model transformers sharded at load time)."""
+    return args.world_size > 1 and not (args.deepspeed or args.fsdp or _sharded_at_load(model))
+
+
+def _sync_each_batch(args: TrainingArguments) -> bool:
+    """``TrainingArguments(accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch":
+    True}})``: the Trainer then reduces gradients after every micro-batch, not only the last."""
+    kwargs = getattr(args.accelerator_config, "gradient_accumulation_kwargs", None) or {}
+    return bool(kwargs.get("sync_each_batch", False))
+
+
+def _layerwise_accumulation_steps(args: TrainingArguments, model: nn.Module) -> int:
     """The optimizer's ``accumulation_steps`` for the Trainer's ``gradient_accumulation_steps``.
 
     One process: the optimizer counts the backward passes itself. Under DDP the Trainer runs all
     but the last micro-batch of an update in accelerate's ``no_sync``, so the gradients add up in
     ``.grad`` and the comm hook of the last backward sees their sum: the optimizer must update on
-    every backward it is handed (:func:`lowmem.optim.register_layerwise_ddp_hook`).
+    every backward it is handed (:func:`lowmem.optim.register_layerwise_ddp_hook`). A model
+    sharded at load time (FSDP2) is the same: the Trainer turns gradient sync off
+    (``set_requires_gradient_sync(False)``) for all but the last micro-batch, FSDP2 adds their
+    unsharded gradients up and runs the update hooks only after the last one's reduce-scatter,
+    so each update sees one backward (:mod:`lowmem.optim.layerwise`, "FSDP2": never both). With
+    ``sync_each_batch`` the Trainer reduce-scatters every micro-batch, FSDP2 runs the hooks each
+    time and adds the shards into ``.grad``, so the optimizer counts the micro-batches itself.
     """
-    return 1 if _data_parallel(args) else args.gradient_accumulation_steps
+    if _data_parallel(args, model) or (_sharded_at_load(model) and not _sync_each_batch(args)):
+        return 1
+    return args.gradient_accumulation_steps
 
 
 def optimizer_cls_and_kwargs(
@@ -387,7 +495,9 @@ def optimizer_cls_and_kwargs(
             parameters the Trainer decays: not biases, not norm weights), ``adam_beta1``,
             ``adam_beta2``, ``adam_epsilon`` (the AdamW family) and ``optim_target_modules``
             are honoured; layer-wise mode takes ``gradient_accumulation_steps`` as the
-            optimizer's ``accumulation_steps`` (1 under DDP), needs ``max_grad_norm=0`` and,
+            optimizer's ``accumulation_steps`` (1 under DDP and on a model sharded at load
+            time, where the Trainer defers the gradient reduction to the last micro-batch),
+            needs ``max_grad_norm=0`` and,
             under DDP, ``ddp_find_unused_parameters=False`` (see the module docstring). For
             ``"galore_adafactor"``, as for the Trainer's ``optim="adafactor"``,
             ``learning_rate`` is the step size (``relative_step=False, scale_parameter=False``
@@ -457,9 +567,9 @@ def optimizer_cls_and_kwargs(
         kwargs["scale_parameter"] = False
     kwargs.update(options)
     if layerwise:
-        _check_layerwise_args(args)
+        _check_layerwise_args(args, model)
         kwargs["layerwise"] = True
-        kwargs["accumulation_steps"] = _layerwise_accumulation_steps(args)
+        kwargs["accumulation_steps"] = _layerwise_accumulation_steps(args, model)
     return _trainer_class(spec.cls), kwargs
 
 
@@ -522,6 +632,8 @@ class LowmemTrainerMixin:
     - ``training_step``: under DDP, on the first step, hands a layer-wise optimizer's updates to
       a DDP comm hook on the wrapped model (:func:`lowmem.optim.register_layerwise_ddp_hook`),
       so they use the averaged gradients (a plain ``Trainer`` would update from each rank's own);
+    - the constructor refuses ``TrainingArguments(fsdp=...)`` where accelerate would not shard (on
+      CPU it trains with DDP instead; see "Fully sharded data parallel" in :mod:`lowmem.hf`);
     - ``activation_memory=ActivationMemory(...)`` (keyword of the constructor): ``train`` turns
       lowmem's offloaded checkpointing on for its duration (and off after), and
       ``compute_loss_context_manager`` enters activation offload around each forward pass.
@@ -531,6 +643,7 @@ class LowmemTrainerMixin:
 
     def __init__(self, *args: Any, activation_memory: ActivationMemory | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._check_fsdp_engaged()
         if activation_memory is not None and not isinstance(activation_memory, ActivationMemory):
             raise TypeError(
                 "activation_memory must be a lowmem.hf.ActivationMemory, got "
@@ -548,6 +661,23 @@ class LowmemTrainerMixin:
         self.activation_memory = activation_memory
         self._lowmem_offloader: Any = None
         self._lowmem_ddp_model: nn.Module | None = None  # the DDP module whose comm hook updates
+
+    def _check_fsdp_engaged(self) -> None:
+        # accelerate engages its FSDP plugin on accelerators only: on CPU a TrainingArguments(fsdp=...)
+        # run silently becomes DDP, with every rank holding the whole model and optimizer state.
+        targs = self.args  # type: ignore[attr-defined]
+        engaged = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False)
+        if not targs.fsdp or engaged:
+            return
+        state = getattr(getattr(self, "accelerator", None), "state", None)
+        engine = getattr(state, "distributed_type", "no distributed engine")
+        raise ValueError(
+            f"lowmem.hf: TrainingArguments(fsdp={targs.fsdp!r}) was given, but accelerate runs this job as "
+            f"{engine} without sharding (its FSDP plugin works on GPUs/accelerators only, not on CPU): the "
+            "model and optimizer state would not be sharded. On CPU, load the model sharded with "
+            "from_pretrained(..., distributed_config=transformers.DistributedConfig(fsdp_size=world_size)) "
+            "and drop fsdp from the TrainingArguments (see lowmem.hf), or drop fsdp to train with DDP"
+        )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         memory = self.activation_memory
@@ -591,13 +721,15 @@ class LowmemTrainerMixin:
         stepper = getattr(inner, "_layerwise", None)
         if stepper is not None:
             targs = self.args  # type: ignore[attr-defined]
-            _check_layerwise_args(targs)
-            if stepper.options.accumulation_steps != _layerwise_accumulation_steps(targs):
+            model = self.model  # type: ignore[attr-defined]
+            _check_layerwise_args(targs, model)
+            if stepper.options.accumulation_steps != _layerwise_accumulation_steps(targs, model):
                 raise ValueError(
                     f"lowmem.hf: the layer-wise optimizer accumulates {stepper.options.accumulation_steps} "
                     f"backward passes per update but the Trainer runs gradient_accumulation_steps="
-                    f"{targs.gradient_accumulation_steps} (under DDP the optimizer must take 1); build "
-                    "optimizer_cls_and_kwargs from the same TrainingArguments the Trainer gets"
+                    f"{targs.gradient_accumulation_steps} (under DDP, and on a model sharded at load time, "
+                    "the optimizer must take 1); build optimizer_cls_and_kwargs from the same "
+                    "TrainingArguments and model the Trainer gets"
                 )
         return optimizer
 

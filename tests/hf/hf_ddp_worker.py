@@ -80,6 +80,29 @@ def unused_parameters_error(out_dir: Path) -> str:
     return ""
 
 
+def sync_each_batch_error(out_dir: Path) -> str:
+    """The error for layer-wise DDP with accelerate's sync_each_batch ("" if none): DDP's comm hook
+    would then update after every micro-batch."""
+    from tiny_llama import TARGETS, tiny_llama, training_args
+
+    import lowmem.hf
+
+    args = training_args(
+        out_dir / "each_batch",
+        max_grad_norm=0.0,
+        ddp_backend="gloo",
+        ddp_find_unused_parameters=False,
+        gradient_accumulation_steps=2,
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}},
+    )
+    try:
+        model = tiny_llama()
+        lowmem.hf.optimizer_cls_and_kwargs("galore_adamw_layerwise", args, model, target_modules=TARGETS)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def main() -> None:
     rank, world_size, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_llama
@@ -93,6 +116,7 @@ def main() -> None:
         rank_dir = out_dir / f"rank{rank}"
         results: dict[str, Any] = {case: run_case(case, rank_dir, world_size) for case in CASES}
         results["unused_parameters_error"] = unused_parameters_error(rank_dir)
+        results["sync_each_batch_error"] = sync_each_batch_error(rank_dir)
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 

@@ -57,3 +57,9 @@ def test_trainer_ddp_matches_one_process_on_the_global_batch(ranks, tmp_path, ca
 def test_layerwise_ddp_needs_find_unused_parameters_false(ranks):
     for rank in ranks:
         assert "ddp_find_unused_parameters=False" in rank["unused_parameters_error"]
+
+
+def test_layerwise_ddp_refuses_sync_each_batch(ranks):
+    """sync_each_batch would run DDP's comm hook, and so an update, after every micro-batch."""
+    for rank in ranks:
+        assert "sync_each_batch" in rank["sync_each_batch_error"]
