@@ -8,6 +8,7 @@ Examples::
     python -m lowmem.bench memory --model llama-1b --optimizer adamw,adamw8bit,galore_adamw,apollo_mini \\
         --batch-size 8 --seq-len 1024 --activation checkpoint
     python -m lowmem.bench memory --model llama-70b --optimizer adamw --world-size 8 --activation checkpoint
+    python -m lowmem.bench memory --model llama-7b --optimizer galore_adamw8bit,galore_adafactor,adafactor
 
 Nothing is allocated: the models are built on the meta device (``lowmem.memory.estimate``).
 Numbers are GiB per device; the table ends with the assumptions each column made.
@@ -23,7 +24,7 @@ import torch
 
 from lowmem.memory.estimator import ACTIVATION_MODES, MemoryReport, estimate, format_reports
 from lowmem.memory.presets import LLAMA_PRESETS
-from lowmem.memory.state_bytes import OPTIMIZERS
+from lowmem.memory.state_bytes import OPTIMIZERS, optimizer_spec
 
 #: The GaLore paper's claim (Zhao et al. 2024, Fig. 1 and Sec. 5): LLaMA-7B pre-training with
 #: 8-bit GaLore and per-layer updates fits a 24 GB GPU (bf16, token batch 256, no checkpointing
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         "--offload-optimizer", action="store_true", help="CPUOffloadOptimizer: states in host memory"
     )
     parser.add_argument("--world-size", type=int, default=1, help="FSDP full sharding over this many devices")
+    parser.add_argument(
+        "--beta1",
+        type=float,
+        default=None,
+        help="Adafactor's first moment (adafactor, galore_adafactor; default: none, as theirs)",
+    )
     parser.add_argument("--json", default=None, help="write the reports to this JSON file")
     args = parser.parse_args(argv)
     if args.model is None:
@@ -84,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 proj_type=args.proj_type,
                 offload_optimizer=args.offload_optimizer,
                 world_size=args.world_size,
+                # Adafactor's option; the Adam family always keeps a first moment.
+                beta1=args.beta1 if optimizer_spec(name).adafactor else None,
             )
             for name in args.optimizer.split(",")
             if name

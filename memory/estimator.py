@@ -31,7 +31,7 @@ from torch import nn
 
 from lowmem.memory.activations import llama_activation_bytes
 from lowmem.memory.presets import LLAMA_PRESETS, LlamaShape, llama_shape, llama_skeleton
-from lowmem.memory.state_bytes import optimizer_spec, param_state_bytes
+from lowmem.memory.state_bytes import optimizer_spec, param_state_split
 from lowmem.optim.lowrank_adam import MIN_8BIT_SIZE
 
 __all__ = ["ACTIVATION_MODES", "GALORE_RANKS", "MemoryReport", "estimate", "format_reports"]
@@ -97,7 +97,7 @@ class MemoryReport:
         extras = [
             f"{k}={v}"
             for k, v in self.settings.items()
-            if k in ("rank", "activation", "world_size") and v not in (None, "none", 1)
+            if k in ("rank", "activation", "world_size", "beta1") and v not in (None, "none", 1)
         ]
         if self.settings.get("layerwise"):
             extras.append("layerwise")
@@ -174,8 +174,16 @@ def _check(name: str, value: Any, ok: bool, fix: str) -> None:
 
 
 #: Low-rank optimizers whose state lowmem shards under FSDP2 (``optim/sharded.py``): moments by rows,
-#: GaLore's and Fira's basis by columns, APOLLO's projection regenerated from a seed on every rank.
-FSDP2_LOWRANK = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "apollo_mini")
+#: GaLore's and Fira's basis by columns, APOLLO's projection regenerated from a seed on every rank;
+#: GaLoreAdafactor's row statistics by rows, its column statistics whole on every rank.
+FSDP2_LOWRANK = (
+    "galore_adamw",
+    "galore_adamw8bit",
+    "fira_adamw",
+    "apollo_adamw",
+    "apollo_mini",
+    "galore_adafactor",
+)
 #: proj_type values a row-sharded weight accepts; each projects it on the right (unsharded) side.
 FSDP2_PROJ_TYPES = ("std", "reverse_std", "right")
 
@@ -194,6 +202,7 @@ def estimate(
     proj_type: str = "std",
     target_modules: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
     min_8bit_size: int = MIN_8BIT_SIZE,
+    beta1: float | None = None,
     offload_optimizer: bool = False,
     world_size: int = 1,
     activation_bytes: int | None = None,
@@ -206,7 +215,8 @@ def estimate(
             ``LlamaConfig``, or an ``nn.Module`` (its parameters are counted as they are; its
             activations are modeled only if it has a LLaMA ``config``, else pass ``activation_bytes``).
         optimizer: ``adamw`` (torch.optim.AdamW), ``adamw8bit``, ``galore_adamw``,
-            ``galore_adamw8bit``, ``fira_adamw``, ``apollo_adamw``, ``apollo_mini``.
+            ``galore_adamw8bit``, ``fira_adamw``, ``apollo_adamw``, ``apollo_mini``,
+            ``adafactor`` (transformers.optimization.Adafactor), ``galore_adafactor``.
         batch_size, seq_len: sequences per device and tokens per sequence.
         dtype: weights, gradients and activations (optimizer states as the optimizer keeps them);
             None: bfloat16 for a preset or config, each parameter's own dtype for a module.
@@ -219,12 +229,17 @@ def estimate(
         target_modules: names of the modules whose linear weights are projected (GaLore's default:
             attention and MLP).
         min_8bit_size: smaller moments stay fp32 under 8-bit states.
+        beta1: Adafactor's (``adafactor``, ``galore_adafactor``): None (their default) keeps no
+            first moment, a number keeps one of the statistics' shape; only the None-ness
+            changes bytes. Not accepted for the Adam family, which always keeps one.
         offload_optimizer: :class:`lowmem.memory.CPUOffloadOptimizer`: states and an fp32 master
             in host memory.
         world_size: devices that shard weights, gradients and states (FSDP full sharding):
             ``adamw``, ``adamw8bit`` and the optimizers whose low-rank state lowmem shards under
             FSDP2 (:data:`FSDP2_LOWRANK`, with a ``proj_type`` of :data:`FSDP2_PROJ_TYPES`: the
-            sharded optimizers project every weight on the right); not with ``layerwise``.
+            sharded optimizers project every weight on the right); not with ``layerwise``, nor
+            for ``adafactor`` (transformers' Adafactor is not written for DTensor parameters;
+            ``galore_adafactor`` without low-rank groups is its FSDP2 equivalent).
         activation_bytes: saved-activation bytes to use instead of the LLaMA model.
 
     Returns:
@@ -238,7 +253,8 @@ def estimate(
     _check("activation", activation, activation in ACTIVATION_MODES, f"choose one of {modes}")
     floating = dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)
     _check("dtype", dtype, floating, "pass a floating torch.dtype (or None)")
-    allowed = ("std", "reverse_std", "left", "right") + (("full",) if spec.family == "galore" else ())
+    full_ok = spec.family in ("galore", "galore_adafactor")
+    allowed = ("std", "reverse_std", "left", "right") + (("full",) if full_ok else ())
     _check(
         "proj_type", proj_type, proj_type in allowed, f"choose one of {', '.join(allowed)} for {optimizer}"
     )
@@ -252,6 +268,18 @@ def estimate(
         raise ValueError(
             f"Invalid proj_type: {proj_type!r} with world_size={world_size}; row-sharded (FSDP2) weights "
             f"are projected on their unsharded side: choose one of {', '.join(FSDP2_PROJ_TYPES)}"
+        )
+    if beta1 is not None:
+        ok = isinstance(beta1, (int, float)) and not isinstance(beta1, bool) and 0.0 <= beta1 < 1.0
+        _check("beta1", beta1, ok, "pass None (no first moment) or a number in [0, 1)")
+        _check(
+            "beta1", beta1, spec.adafactor, f"beta1 is Adafactor's; {optimizer} always keeps a first moment"
+        )
+    if world_size > 1 and spec.family == "hf_adafactor":
+        raise ValueError(
+            f"Invalid world_size: {world_size} with {optimizer}; transformers' Adafactor does not support "
+            "FSDP2's sharded (DTensor) parameters; estimate galore_adafactor (lowmem's Adafactor, sharded "
+            "under FSDP2, plain groups = transformers' update) or world_size=1"
         )
     if world_size > 1 and layerwise:
         raise ValueError(f"Invalid world_size: {world_size} with layerwise=True; estimate one or the other")
@@ -295,20 +323,28 @@ def estimate(
     weights = sum(sizes)
     # Under FSDP2 every accepted proj_type projects a sharded weight on the right (optim/sharded.py).
     state_proj_type = "right" if world_size > 1 and spec.lowrank else proj_type
-    states = sum(
-        param_state_bytes(
+    splits = [
+        param_state_split(
             tuple(p.shape),
             param_dtype,
             spec,
             rank=rank if id(p) in projected else None,
             proj_type=state_proj_type,
             min_8bit_size=min_8bit_size,
+            first_moment=beta1 is not None,
         )
         for p, param_dtype in zip(params, dtypes, strict=True)
+    ]
+    states = sum(split.total for split in splits)
+    adafactor_moments = (
+        "factored second moment (row and column statistics of each matrix, in fp32 for 16-bit weights)"
+        + (", a first moment (beta1)" if beta1 is not None else ", no first moment (beta1=None)")
     )
     state_note = {
         "torch_adamw": "adamw = torch.optim.AdamW: two moments in the weights' dtype",
         "adam": "adamw8bit: 8-bit block-wise moments (2 bytes + 8 per 256 per element; fp32 under 4096)",
+        "hf_adafactor": f"adafactor = transformers.optimization.Adafactor: {adafactor_moments}",
+        "galore_adafactor": f"galore_adafactor: {adafactor_moments}, of R where projected",
     }.get(spec.family, f"{optimizer}: low-rank moments{' in 8 bits' if spec.state_dtype == 'int8' else ''}")
     assumptions.append(f"optimizer states: {state_note}, as the optimizer allocates them")
     gradients = max(sizes) if layerwise else weights
@@ -354,12 +390,19 @@ def estimate(
         largest_block = _largest_block_bytes(model, b)
         weights = math.ceil(weights / world_size) + 2 * largest_block
         gradients = math.ceil(gradients / world_size) + largest_block
-        states = math.ceil(states / world_size)
+        # Rows (and basis columns) 1/w each; Adafactor's column statistics and counters whole per rank.
+        replicated = 0 if offload_optimizer else sum(split.replicated for split in splits)
+        states = math.ceil((states - replicated) / world_size) + replicated
+        scalars = (
+            "Adafactor's column statistics of each matrix and its step counters are whole on every rank "
+            "(counted in full)"
+            if spec.adafactor
+            else "per-rank copies of scalar state (step counters, norms: at most 24 bytes per tensor) ignored"
+        )
         assumptions.append(
             f"FSDP full sharding over {world_size} devices: weights, gradients and states / {world_size}, "
             "plus two decoder layers' full weights (gathered, prefetched) and one layer's full gradients "
-            "(before reduce-scatter); 8-bit blocks split at shard edges and per-rank copies of scalar "
-            "state (step counters, norms: at most 24 bytes per tensor) ignored"
+            f"(before reduce-scatter); 8-bit blocks split at shard edges ignored; {scalars}"
         )
         if projected:
             # lowmem's FSDP2 GaLore (optim/sharded.py): moments and basis are row-sharded, exactly 1/w;
@@ -391,6 +434,7 @@ def estimate(
             "update_proj_gap": update_proj_gap if spec.lowrank else None,
             "offload_optimizer": offload_optimizer,
             "world_size": world_size,
+            "beta1": beta1 if spec.adafactor else None,
         },
         assumptions=assumptions,
     )

@@ -25,3 +25,18 @@ def test_memory_bench_headline_and_custom(tmp_path, capsys):
     # APOLLO-Mini: rank-1 states for the blocks; embedding and LM head (most of 130M) keep AdamW states.
     assert reports[1]["host"]["optimizer states"] < reports[0]["host"]["optimizer states"] / 2
     assert "host activations" in capsys.readouterr().out
+
+
+def test_memory_bench_adafactor_columns(tmp_path, capsys):
+    """galore_adafactor and adafactor are optimizer names; --beta1 reaches only the Adafactor columns."""
+    out = tmp_path / "adafactor.json"
+    names = "galore_adamw8bit,galore_adafactor,adafactor"
+    assert main(["--model", "llama-60m", "--optimizer", names, "--beta1", "0.9", "--json", str(out)]) == 0
+    reports = json.loads(out.read_text())
+    assert [r["optimizer"] for r in reports] == names.split(",")
+    assert [r["settings"]["beta1"] for r in reports] == [None, 0.9, 0.9]
+    assert "galore_adafactor (rank=128, beta1=0.9)" in capsys.readouterr().out
+    assert main(["--model", "llama-60m", "--optimizer", "galore_adafactor", "--json", str(out)]) == 0
+    without = json.loads(out.read_text())[0]
+    assert without["settings"]["beta1"] is None
+    assert without["optimizer_states"] < reports[1]["optimizer_states"]  # no first moment

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +18,7 @@ from lowmem.optim import (
     AdamW8bit,
     ApolloAdamW,
     FiraAdamW,
+    GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
     lowrank_param_groups,
@@ -27,8 +33,13 @@ SHAPE = LlamaShape(
 RANK = 40
 
 
-def _real_optimizer(name: str, model: nn.Module, rank: int, proj_type: str):
+def _real_optimizer(name: str, model: nn.Module, rank: int, proj_type: str, beta1: float | None = None):
     targets = ["self_attn", "mlp"]
+    if name == "adafactor":
+        transformers = pytest.importorskip("transformers")
+        return transformers.optimization.Adafactor(model.parameters(), beta1=beta1)
+    if name == "galore_adafactor":
+        return GaLoreAdafactor(lowrank_param_groups(model, targets, rank, proj_type=proj_type), beta1=beta1)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters())
     if name == "adamw8bit":
@@ -58,6 +69,26 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for v in tensors)
 
 
+def _step_twice(
+    model: nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype, mesh: Any = None
+) -> None:
+    """Two steps on random gradients: every state (a refreshed basis included) is allocated.
+
+    ``mesh``: the model is ``fully_shard``-ed on it; each rank gets its rows of the same gradient,
+    as FSDP2's reduce-scatter hands them over (a ``Shard(0)`` DTensor).
+    """
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        for p in model.parameters():
+            grad = torch.randn(p.shape, generator=gen).to(dtype)
+            if mesh is not None:
+                from torch.distributed.tensor import Shard, distribute_tensor
+
+                grad = distribute_tensor(grad, mesh, [Shard(0)])
+            p.grad = grad
+        optimizer.step()
+
+
 CASES = [
     ("adamw", "std"),
     ("adamw8bit", "std"),
@@ -76,17 +107,62 @@ CASES = [
 def test_state_and_weight_bytes_equal_what_the_optimizer_allocates(name: str, proj_type: str, dtype) -> None:
     model = _tiny_model(dtype)
     opt = _real_optimizer(name, model, RANK, proj_type)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
-        opt.step()
+    _step_twice(model, opt, dtype)
     rank = None if name == "apollo_mini" else RANK  # APOLLO-Mini's own rank 1
     report = estimate(model, optimizer=name, rank=rank, proj_type=proj_type, dtype=dtype)
     real = _state_bytes(opt)
     assert real > 0 and report.optimizer_states == real
     assert report.weights == sum(p.numel() * p.element_size() for p in model.parameters())
     assert report.gradients == report.weights
+
+
+#: Adafactor: GaLore's (q/o, gate/up projected on the right, k/v and down on the left under std; the
+#: r×r core under full) and transformers' (every tensor factored or full, no projection).
+ADAFACTOR_CASES = [
+    ("galore_adafactor", "std"),
+    ("galore_adafactor", "reverse_std"),
+    ("galore_adafactor", "full"),
+    ("adafactor", "std"),
+]
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("name", "proj_type"), ADAFACTOR_CASES)
+def test_adafactor_state_bytes_equal_what_the_optimizer_allocates(
+    name: str, proj_type: str, dtype: torch.dtype, beta1: float | None
+) -> None:
+    model = _tiny_model(dtype)
+    opt = _real_optimizer(name, model, RANK, proj_type, beta1=beta1)
+    _step_twice(model, opt, dtype)
+    report = estimate(model, optimizer=name, rank=RANK, proj_type=proj_type, dtype=dtype, beta1=beta1)
+    real = _state_bytes(opt)
+    assert real > 0 and report.optimizer_states == real
+    assert report.settings["beta1"] == beta1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", ["galore_adafactor", "adafactor"])
+def test_adafactor_plain_rules_for_conv_scalar_and_rank_too_large(name: str, dtype: torch.dtype) -> None:
+    """Factored over the last two dims of a conv weight (for each output channel), a full second
+    moment for a 0-d parameter, statistics in fp64 for fp64 weights, and the plain state for a
+    linear weight in a rank group whose rank is not below min(m, n)."""
+    model = nn.Module()
+    model.proj = nn.Linear(24, 40, dtype=dtype)  # projected at rank 5 (left: 24 < 40)
+    model.small = nn.Linear(7, 3, bias=False, dtype=dtype)  # rank 5 >= 3: plain
+    model.conv = nn.Conv1d(6, 10, 3, dtype=dtype)  # (10, 6, 3): rows 10·6, columns 10·3
+    model.temperature = nn.Parameter(torch.ones((), dtype=dtype))
+    rank, targets = 5, ["proj", "small"]
+    if name == "adafactor":
+        opt = _real_optimizer(name, model, rank, "std", beta1=0.9)
+        _step_twice(model, opt, dtype)
+    else:
+        opt = GaLoreAdafactor(lowrank_param_groups(model, targets, rank), beta1=0.9)
+        with pytest.warns(UserWarning, match="rank >= min"):
+            _step_twice(model, opt, dtype)
+    kw = {"rank": rank, "target_modules": targets, "beta1": 0.9}
+    assert estimate(model, optimizer=name, **kw).optimizer_states == _state_bytes(opt)
+    assert estimate(model, optimizer=name, **{**kw, "beta1": None}).optimizer_states < _state_bytes(opt)
 
 
 def test_the_8bit_threshold_and_low_rank_both_matter() -> None:
@@ -226,3 +302,80 @@ def test_fsdp_sharding_and_bad_arguments() -> None:
         estimate(object())
     plain = estimate(nn.Linear(4, 4), optimizer="adamw")
     assert plain.activations == 0 and any("NOT counted" in a for a in plain.assumptions)
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_fsdp_galore_adafactor_rows_sharded_columns_whole(beta1: float | None) -> None:
+    """Sharded GaLoreAdafactor (optim/sharded.py): every projected m×n weight on the right; per rank
+    1/w of the row statistics (m), of the first moment (m×r) and of the basis' columns (r×n); the
+    column statistics (r of R, n of a plain matrix) and the counters are whole on every rank."""
+    preset, w, r = "llama-13b", 8, 1024
+    one = estimate(preset, optimizer="galore_adafactor", rank=r, proj_type="right", beta1=beta1)
+    sharded = estimate(preset, optimizer="galore_adafactor", rank=r, world_size=w, beta1=beta1)
+    shape = LLAMA_PRESETS[preset]
+    layers, h = shape.num_layers, shape.hidden_size
+    # Whole on every rank, in fp32: per projected weight (7 per layer) r column statistics, step
+    # (4) and last_refresh (8); embedding and LM head (vocab x h): h column statistics and step;
+    # the norms (2 per layer + the final one): step.
+    replicated = layers * 7 * (4 * r + 4 + 8) + 2 * (4 * h + 4) + (2 * layers + 1) * 4
+    assert sharded.optimizer_states == math.ceil((one.optimizer_states - replicated) / w) + replicated
+    assert one.optimizer_states - replicated > 100 * replicated  # the rows dominate: the split matters
+    assert sharded.gradients == estimate(preset, optimizer="adamw", world_size=w).gradients + 13824 * h * 2
+    assert any("whole on every rank" in a for a in sharded.assumptions)
+    with pytest.raises(ValueError, match="Invalid proj_type: 'full' with world_size=8"):
+        estimate(preset, optimizer="galore_adafactor", world_size=w, proj_type="full")
+
+
+def test_fsdp_galore_adafactor_state_equals_what_two_ranks_allocate(tmp_path: Path) -> None:
+    """The world_size=2 estimate against GaLoreAdafactor on the fully_shard-ed tiny LLaMA, 2 gloo
+    ranks on CPU (every dimension of SHAPE is even, so both ranks hold exactly half the rows)."""
+    from gloo_launch import launch
+
+    results = launch(Path(__file__), tmp_path, timeout=120)
+    for dtype, beta1 in FSDP_CASES:
+        expected = estimate(
+            llama_skeleton(SHAPE, dtype=dtype),
+            optimizer="galore_adafactor",
+            rank=RANK,
+            world_size=2,
+            beta1=beta1,
+        ).optimizer_states
+        for result in results:
+            assert result[str(dtype), str(beta1)] == expected, (dtype, beta1)
+
+
+def test_adafactor_refusals() -> None:
+    with pytest.raises(ValueError, match=r"Invalid beta1: 0\.9; beta1 is Adafactor's"):
+        estimate("llama-60m", optimizer="galore_adamw", beta1=0.9)
+    with pytest.raises(ValueError, match=r"Invalid beta1: 1\.0; pass None"):
+        estimate("llama-60m", optimizer="galore_adafactor", beta1=1.0)
+    with pytest.raises(ValueError, match="Invalid world_size: 2 with adafactor"):
+        estimate("llama-60m", optimizer="adafactor", world_size=2)
+
+
+#: (dtype, beta1) of the two-rank run.
+FSDP_CASES = [(torch.float32, None), (torch.bfloat16, 0.9)]
+
+
+def _fsdp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One rank of the test above (``python test_estimator.py RANK WORLD_SIZE INIT_FILE OUT_DIR``)."""
+    from gloo_launch import gloo_group
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with gloo_group(rank, world_size, init_file):
+        mesh = init_device_mesh("cpu", (world_size,))
+        out = {}
+        for dtype, beta1 in FSDP_CASES:
+            model = _tiny_model(dtype)
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = _real_optimizer("galore_adafactor", model, RANK, "std", beta1=beta1)
+            _step_twice(model, opt, dtype, mesh)
+            out[str(dtype), str(beta1)] = _state_bytes(opt)  # the rank's local tensors
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    _fsdp_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
