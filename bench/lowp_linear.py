@@ -126,7 +126,8 @@ def _layer_backend(name: str, device: torch.device) -> str:
         return choose_backend("int8_matmul", device)
     if not fp8_supported(device):
         return "emulated (no fp8 tensor cores)"
-    return {"cuda": "fastest: _scaled_mm|triton"}.get(choose_backend("fp8_matmul", device), "triton")
+    chosen = choose_backend("fp8_matmul", device)  # "ref" / "triton" when forced
+    return {"cuda": "fastest: _scaled_mm|triton"}.get(chosen, chosen)
 
 
 def run(

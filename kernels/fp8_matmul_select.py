@@ -21,8 +21,10 @@ bias, and shapes off cuBLASLt's preferred grid (K or N not multiples of 16, whic
 only, no measurement; ``triton`` forces the Triton kernel, ``ref`` the emulation. GPUs without
 fp8 tensor cores (compute capability < 8.9) get the reference.
 
-Both implementations compute the same fp32-accumulated products with the same epilogue, so the
-choice changes speed, not results (beyond fp32 summation order).
+Both implementations compute the same fp32-accumulated products and scale them in fp32, so the
+choice changes speed, and results only by fp32 summation order and, with a bias, one rounding:
+the Triton kernel adds the bias in fp32 before its single rounding to the output dtype (the
+reference's order), ``fp8_matmul_scaled_mm`` adds it after cuBLASLt has rounded to bf16/fp16.
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ if HAS_TRITON:
         M,
         N,
         K,
+        M_BUCKET,  # M rounded up to a power of two: only the autotune key (below)
         stride_am,
         stride_ak,
         stride_bk,
@@ -115,7 +116,9 @@ if HAS_TRITON:
         tl.store(out_ptrs, _rounded_for(out, out_ptr, EMULATE_RTNE), mask=mask_m[:, None] & mask_n[None, :])
 
     # fp8 MMA wants BLOCK_K >= 32 (64 / 128 feed wgmma best); small tiles for few-program shapes.
-    # Untuned on hardware so far (no GPU in this session): the autotuner picks per (M, N, K).
+    # Untuned on hardware so far (no GPU in this session). The autotuner picks per (M bucket, N,
+    # K, operand dtypes): keyed by the exact M it would re-tune (~1 s) at every new token count,
+    # which variable-length batches produce every step.
     _GPU_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
@@ -128,9 +131,8 @@ if HAS_TRITON:
             (32, 64, 128, 4, 3),
         ]
     ]
-    _fp8_matmul_kernel_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "ROW_A", "ROW_B"])(
-        _fp8_matmul_kernel
-    )
+    _TUNE_KEY = ["M_BUCKET", "N", "K", "ROW_A", "ROW_B"]
+    _fp8_matmul_kernel_tuned = triton.autotune(configs=_GPU_CONFIGS, key=_TUNE_KEY)(_fp8_matmul_kernel)
 
 else:  # pragma: no cover - exercised only where triton is missing
     _fp8_matmul_kernel = None
@@ -180,6 +182,7 @@ def fp8_matmul(
         return out
     sa = scale_a.float().reshape(-1).contiguous()  # (M,) or (1,): tiny
     sb = scale_b.float().reshape(-1).contiguous()
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with stride 1
     if k == 0:  # an empty sum: 0 * scales (NaN scales stay NaN, as in the reference) + bias
         out.copy_(torch.zeros((m, n), device=a.device) * sa.view(-1, 1) * sb.view(1, -1))
         return out + bias.to(out_dtype) if bias is not None else out
@@ -192,7 +195,7 @@ def fp8_matmul(
         b = b if b.stride(0) == 1 else b.t().contiguous().t()
     args = (
         a, b, out, sa, sb, bias if bias is not None else out,  # out: a pointer never read
-        m, n, k,
+        m, n, k, 1 << max(0, (m - 1).bit_length()),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
     )  # fmt: skip
     flags = {

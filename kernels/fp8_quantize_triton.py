@@ -53,7 +53,8 @@ from lowmem.kernels.fp8_quantize import FP8_MAX, TINY, _check_fp8_args, quantize
 
 __all__ = ["MAX_PARTIALS", "quantize_fp8_bytes", "quantize_fp8_delayed_triton", "quantize_fp8_triton"]
 
-#: Most partial maxima the tensor-wise / delayed kernels write (each later program reads them all).
+#: Most partial maxima the tensor-wise absmax pass writes (each program of the cast reads them
+#: all). The delayed cast is not capped: it writes one per tile, reduced by one torch ``amax``.
 MAX_PARTIALS = 1024
 
 # (mantissa bits, smallest normal, subnormal rounding constant 1.5 * 2**(23 + log2(smallest

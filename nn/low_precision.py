@@ -44,11 +44,15 @@ instead of becoming inf/NaN; that clipping is the price of the missing reduction
 history is a max over several steps. The first use of each operand (empty history) measures
 its absmax first, so step 1 equals dynamic tensor-wise scaling. The histories are buffers with
 ``persistent=False``: they move with ``.to()`` and are not in the state dict (which stays
-loadable into ``nn.Linear``); after loading a checkpoint the first step re-measures. Like
-torchao's delayed recipe, a forward run twice per step (activation checkpointing) records x and
-W twice, and every forward records, eval and ``no_grad`` ones included. The histories are
-per process: under DDP/FSDP each rank scales with its own (torchao can all-reduce them; here
-the scales only need to fit the local tensors, so results stay correct, not rank-identical).
+loadable into ``nn.Linear``); a layer built to resume from a checkpoint re-measures on its
+first step. Like torchao's delayed recipe, a forward run twice per step (activation
+checkpointing) records x and W twice, and every forward records, eval and ``no_grad`` ones
+included. Across processes nothing all-reduces the histories (torchao can). DDP by default
+(``broadcast_buffers`` / ``forward_sync_buffers``) broadcasts every buffer, these included,
+from rank 0 before each forward, so all ranks scale with rank 0's history and their own updates
+are overwritten; a rank whose tensors outgrow rank 0's saturates more often, but the results
+stay correct. With buffer syncing off, and under FSDP2 (which does not sync buffers), each rank
+keeps and scales with its own history.
 
 CPU: both precisions run the same quantization numerics emulated in fp32 (int8: exact integer
 sums; fp8: fp32 GEMM of upcast fp8 values). That is for checking numerics: it is slower than
@@ -247,7 +251,8 @@ class _DelayedScaling:
 
     ``delayed_amax(op, t)``: the max of the history; on the operand's first use (empty history)
     the absmax of ``t`` itself, so step 1 is dynamic scaling. ``cast(op, t, dtype, amax)``:
-    the delayed cast, then ``history = [absmax(t), history[:-1]]`` (device ops only, no sync).
+    the delayed cast, then ``history = [absmax(t), history[:-1]]`` (device ops only, no sync);
+    on the first use the older entries are zeroed, whatever the buffer held.
     """
 
     def __init__(self, module: LowPrecisionLinear) -> None:
@@ -267,6 +272,10 @@ class _DelayedScaling:
     def cast(self, op: str, t: Tensor, fp8_dtype: torch.dtype, amax: Tensor) -> tuple[Tensor, Tensor]:
         q, scale, amax_now = _quantize_delayed(t, fp8_dtype, amax)
         history = self.history(op)
+        if not self.seen[op]:
+            # Nothing older counts on the first use: after to_empty() (FSDP2's meta-device
+            # init) the buffer holds uninitialized memory that reset_parameters() leaves alone.
+            history.zero_()
         history.copy_(torch.cat([amax_now.view(1).to(history), history[:-1]]))
         self.seen[op] = True
         return q, scale

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import lowmem
 from lowmem.bench import lowp_linear
 from lowmem.nn import LowPrecisionLinear
 
@@ -59,3 +60,11 @@ def test_convert_bench_model() -> None:
     assert report is not None and report.converted == ["mlp"]
     assert isinstance(model["mlp"], LowPrecisionLinear) and type(model["lm_head"]) is nn.Linear
     assert model["mlp"](torch.randn(2, 8)).shape == (2, 8)
+
+
+def test_fp8_layer_backend_label_names_a_forced_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an fp8 GPU the layer rows name the GEMM backend that runs; a forced ``ref`` must say
+    so (the emulation), not claim the Triton kernel."""
+    monkeypatch.setattr(lowp_linear, "fp8_supported", lambda device: True)
+    with lowmem.backend("ref"):
+        assert lowp_linear._layer_backend("fp8-tensor", torch.device("cuda")) == "ref"

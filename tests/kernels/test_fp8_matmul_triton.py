@@ -13,6 +13,7 @@ import torch
 import lowmem
 from lowmem._ops import dispatch
 from lowmem.kernels import fp8_matmul_select as select
+from lowmem.kernels import fp8_matmul_triton
 from lowmem.kernels.fp8_matmul import fp8_matmul_ref, fp8_supported
 from lowmem.kernels.fp8_quantize import quantize_fp8
 
@@ -122,6 +123,24 @@ def test_zero_rows_nan_scales_strides_and_empty_sums(device: torch.device) -> No
     nan = torch.full((), float("nan"), device=device)
     assert bool(_kernel(device)(a0, b0, nan, one).isnan().all())
     assert _kernel(device)(a0[:0], b0, one, one).shape == (0, 4)
+
+
+def test_strided_bias(device: torch.device) -> None:
+    """A bias that is a strided view (every other element of a longer vector) is read by its
+    elements, not as if it were contiguous."""
+    gen = torch.Generator().manual_seed(4)
+    a, b = _small_ints((5, 8), E4M3, gen, device), _small_ints((8, 6), E4M3, gen, device)
+    bias = torch.randn(12, generator=gen).to(device)[::2]
+    one = torch.ones((), device=device)
+    got = _kernel(device)(a, b, one, one, bias, torch.float32)
+    assert torch.equal(got.cpu(), fp8_matmul_ref(a, b, one, one, bias, torch.float32).cpu())
+
+
+def test_autotuning_is_keyed_by_the_m_bucket_not_the_exact_m() -> None:
+    """Variable token counts (dynamic padding) give a new exact M nearly every step; the GPU
+    autotuner (~1 s per new key) must key on M's power-of-two bucket, as fp8_matmul_select does."""
+    assert "M" not in fp8_matmul_triton._fp8_matmul_kernel_tuned.keys
+    assert "M_BUCKET" in fp8_matmul_triton._fp8_matmul_kernel_tuned.keys
 
 
 def test_bad_arguments(device: torch.device) -> None:

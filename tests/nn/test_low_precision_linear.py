@@ -380,3 +380,25 @@ def test_delayed_state_dict_is_nn_linear_compatible() -> None:
     shared = LowPrecisionLinear.from_linear(dense, precision="fp8", scaling="delayed", amax_history_len=3)
     assert shared.amax_history_w.device.type == "cpu" and shared.amax_history_w.shape == (3,)
     assert "amax_history_len=3" in repr(shared)
+
+
+def test_delayed_first_use_ignores_uninitialized_histories() -> None:
+    """FSDP2-style meta-device init: to_empty() leaves the history buffers uninitialized and
+    reset_parameters() / load_state_dict() do not touch them (non-persistent). Whatever they
+    held (here 1e30 and NaN, as such memory may) must not reach the scales of later steps."""
+    kw = {"precision": "fp8", "scaling": "delayed", "quantize_weight_grad": True}
+    dense, fresh = _pair(96, 40, "cpu", **kw)
+    meta = LowPrecisionLinear(96, 40, device="meta", **kw)
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        meta.amax_history_x.fill_(1e30)
+        meta.amax_history_w.fill_(1e30)
+        meta.amax_history_grad.fill_(float("nan"))
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(3):
+        x, gy = torch.randn(6, 96, generator=gen), torch.randn(6, 40, generator=gen)
+        for got, want in zip(_fwd_bwd(meta, x, gy), _fwd_bwd(fresh, x, gy), strict=True):
+            assert torch.equal(got, want)
+    for op in ("x", "w", "grad"):
+        assert torch.equal(getattr(meta, f"amax_history_{op}"), getattr(fresh, f"amax_history_{op}"))
