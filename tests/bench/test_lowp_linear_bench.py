@@ -5,6 +5,7 @@ the bench-model conversion helper swaps the linears it should."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,24 @@ def test_fp8_layer_backend_label_names_a_forced_backend(monkeypatch: pytest.Monk
     monkeypatch.setattr(lowp_linear, "fp8_supported", lambda device: True)
     with lowmem.backend("ref"):
         assert lowp_linear._layer_backend("fp8-tensor", torch.device("cuda")) == "ref"
+
+
+def test_a_rejected_gemm_is_reported_and_the_run_goes_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cuBLASLt may reject a shape or scale layout (RuntimeError): the row says so, the rest run."""
+    timed = lowp_linear.median_ms
+
+    def median_ms(fn, device, **timing):  # the first GEMM row timed (the dense "mm") is rejected
+        if not calls and sys._getframe(1).f_code.co_name == "_gemm_rows":
+            calls.append(fn)
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul\nmore")
+        return timed(fn, device, **timing)
+
+    calls: list = []
+    monkeypatch.setattr(lowp_linear, "median_ms", median_ms)
+    argv = ["--device", "cpu", "--tokens", "8", "--in-features", "16", "--out-features", "8"]
+    assert lowp_linear.main([*argv, "--budget-s", "0.02"]) == 0
+    text = capsys.readouterr().out
+    assert "mm: rejected (CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul)" in text
+    assert "int8_matmul" in text  # the next GEMM row still ran
