@@ -107,6 +107,12 @@ states resume at another world size too (2 → 1 and 1 → 2 ranks tested: GaLor
 8-bit states are quantized in blocks of each rank's own rows, so they load only at the world
 size that saved them: elsewhere the global shape of ``*_absmax`` differs and DCP refuses the
 checkpoint with a size mismatch naming it (tested), never reading one block layout as another.
+``set_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))`` (no DCP, so no
+size check) hands ``load_state_dict`` scales of another world size's rows, which
+:func:`localize_state` refuses (ValueError naming the key and both world sizes; tested). DCP
+checkpoints written before this layout (flat scales, global shape (world size · blocks,)) fail
+DCP's size check too, naming ``*_absmax`` (no conversion is offered: resume them with the
+lowmem version that wrote them).
 """
 
 from __future__ import annotations
@@ -387,15 +393,44 @@ def _columns(param: Tensor) -> int:
 
 
 def localize_state(optimizer: LowRankOptimizer) -> None:
-    """After ``load_state_dict``: DTensor state values back to the rank's local tensors."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            entry = optimizer.state.get(param)
-            if not entry:
-                continue
-            for key, value in list(entry.items()):
-                if is_dtensor(value):
-                    entry[key] = value.to_local()
-            for key in [k for k in entry if k.endswith("_absmax")]:
-                codes = entry[key.removesuffix("_absmax")]
-                entry[key] = entry[key].reshape(-1)[: num_blocks(codes.numel())].clone()
+    """After ``load_state_dict``: DTensor state values back to the rank's local tensors.
+
+    Raises ValueError, before converting anything, for 8-bit block scales of another world size.
+    """
+    entries = [
+        (param, optimizer.state[param])
+        for group in optimizer.param_groups
+        for param in group["params"]
+        if optimizer.state.get(param)
+    ]
+    for param, entry in entries:
+        for key in [k for k in entry if k.endswith("_absmax")]:
+            _check_block_rows(entry[key], param, key)
+    for _, entry in entries:
+        for key, value in list(entry.items()):
+            if is_dtensor(value):
+                entry[key] = value.to_local()
+        for key in [k for k in entry if k.endswith("_absmax")]:
+            codes = entry[key.removesuffix("_absmax")]
+            entry[key] = entry[key].reshape(-1)[: num_blocks(codes.numel())].clone()
+
+
+def _check_block_rows(scales: Tensor, param: Tensor, key: str) -> None:
+    """Refuse 8-bit block scales whose rows (one per saving rank) are not this mesh's ranks'.
+
+    DCP refuses them itself (a size mismatch); ``set_optimizer_state_dict(full_state_dict=True)``
+    does not: it reshards the (saved world size, blocks) tensor onto this mesh, and taking its
+    first scales would dequantize every block of this rank's rows with another layout's scales
+    (measured: moments 28% off, 2 ranks → 1). A 1-D tensor is the flat layout saved before the
+    per-rank rows, which carries no world size; it is read as before.
+    """
+    if not (is_dtensor(param) and is_dtensor(scales) and scales.dim() == 2):
+        return
+    saved, here = scales.shape[0], param.device_mesh.size()  # type: ignore[attr-defined]
+    if saved != here:
+        raise ValueError(
+            f"Invalid optimizer state: {key} of a parameter of shape {tuple(param.shape)} holds 8-bit block "
+            f"scales of {saved} ranks' rows, but this mesh has {here} ranks; 8-bit states are quantized in "
+            "blocks of each rank's own rows and load only at the world size that saved them: resume on "
+            f"{saved} ranks, or build the optimizer anew (fp32 states reshard to any world size)"
+        )

@@ -198,9 +198,10 @@ def adafactor_update(
         eps: (eps1 added to grad², eps2 the floor of the parameter scale).
         weight_decay: decoupled, multiplied by α_t (the full step size), applied before the update.
         maximize: ascend instead (an extension; transformers' Adafactor has no such option).
-        reduce_sum: for the row block (dim 0) of a row-sharded FSDP2 tensor of 1 or 2 dims, the sum
-            over the ranks (:func:`lowmem.optim.sharded.reduce_sum_of`): RMS(W), RMS(U) and, for
-            a matrix, the column means and mean(r) then span the whole tensor; None: one process.
+        reduce_sum: for the row block (dim 0) of a row-sharded FSDP2 tensor, the sum over the
+            ranks (:func:`lowmem.optim.sharded.reduce_sum_of`): RMS(W), RMS(U) and, for a matrix,
+            the column means and mean(r) then span the whole tensor; a tensor of 3 or more dims
+            factors over its last two, inside the rank's rows; None: one process.
     """
     weight = param.float() if param.dtype in _LOW_PRECISION else param
     grad = grad.float() if grad.dtype in _LOW_PRECISION else grad

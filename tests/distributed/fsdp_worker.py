@@ -199,6 +199,16 @@ EXACT_CASES: dict[str, Case] = {
         {**ADAM, "layerwise": True},
         {"no_sync"},
     ),
+    # A 1-row head on 2 ranks: rank 1 holds no rows of layer2 (weight 1×16, bias 1), yet must issue
+    # every all-reduce its hooks do (clipping norm, Adafactor's column means, RMS(W), RMS(U)).
+    "layerwise_adafactor_head1_clip": (
+        _linear(F64),
+        F64,
+        GaLoreAdafactor,
+        _all,  # plain groups: a 1-row weight cannot be projected (rank >= min(m, n))
+        {"beta1": 0.9, "clip_threshold": 0.5, "layerwise": True, "max_grad_norm_per_param": CLIP},
+        {"head1"},
+    ),
 }
 #: Optimizer keywords of layer-wise stepping: the single-process reference runs step() without them.
 LAYERWISE_KEYS = ("layerwise", "accumulation_steps")
@@ -217,6 +227,9 @@ class ConvTwo(nn.Module):
 
 
 def _batch(name: str, step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if "head1" in EXACT_CASES[name][5]:
+        x, y = batch(step, dtype)
+        return x, y[:, :1]
     if "conv" not in EXACT_CASES[name][5]:
         return batch(step, dtype)
     gen = torch.Generator().manual_seed(2000 + step)
@@ -234,6 +247,8 @@ def _model_and_optimizer(name: str, mesh: Any = None) -> tuple[nn.Module, Any, A
     make_layer, dtype, optimizer_cls, groups, kwargs, flags = EXACT_CASES[name]
     torch.manual_seed(0)
     model = ConvTwo(dtype) if "conv" in flags else TwoLayer(make_layer)
+    if "head1" in flags:
+        model.layer2 = make_layer(model.layer2.in_features, 1)
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 

@@ -110,9 +110,16 @@ def _load(model: nn.Module, optimizer: Any, path: Path) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def _vector_run(path: Path, train: bool) -> dict[str, torch.Tensor]:
+def _vector_run(path: Path, train: bool, full_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """:class:`Scale` with AdamW8bit: :data:`SPLIT` steps then saved to ``path`` (``train``), or loaded
-    from it. Returns the dequantized first moment, whole (every rank's rows)."""
+    from it. Returns the dequantized first moment, whole (every rank's rows); after training also
+    ``full_state``, the optimizer's ``get_optimizer_state_dict(full_state_dict=True)``. Given
+    ``full_state``, loads that with ``set_optimizer_state_dict`` instead of ``path`` (no DCP)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
@@ -131,12 +138,19 @@ def _vector_run(path: Path, train: bool) -> dict[str, torch.Tensor]:
             optimizer.step()
             optimizer.zero_grad()
         _save(model, optimizer, path)
+    elif full_state is not None:
+        set_optimizer_state_dict(model, optimizer, full_state, options=StateDictOptions(full_state_dict=True))
     else:
         _load(model, optimizer, path)
     state = optimizer.state[model.weight]
     local = dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed=True)
     mesh = model.weight.device_mesh
-    return {"exp_avg": DTensor.from_local(local, mesh, [Shard(0)], run_check=False).full_tensor()}
+    out = {"exp_avg": DTensor.from_local(local, mesh, [Shard(0)], run_check=False).full_tensor()}
+    if train:
+        out["full_state"] = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True)
+        )
+    return out
 
 
 def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -192,12 +206,16 @@ def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             n: attempt(lambda c=c, n=n: resume(c, out / f"{n}_w1", tokens)) for n, c in all_cases.items()
         }
         results["vector_saved"] = _vector_run(out / "vector_w2", train=True)
+        if rank:
+            del results["vector_saved"]["full_state"]
     if rank == 0:  # phase C: one rank
         with gloo_group(0, 1, f"{init_file}.c"):
             results["2to1"] = {
                 n: attempt(lambda c=c, n=n: resume(c, out / f"{n}_w2", tokens)) for n, c in all_cases.items()
             }
             results["vector_loaded"] = attempt(lambda: _vector_run(out / "vector_w2", train=False))
+            full_state = results["vector_saved"].pop("full_state")  # 2 ranks' state, without DCP
+            results["vector_full_loaded"] = attempt(lambda: _vector_run(out, False, full_state))
     torch.save(results, out / f"rank{rank}.pt")
 
 

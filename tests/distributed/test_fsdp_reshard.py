@@ -64,3 +64,12 @@ def test_8bit_states_with_block_scales_of_equal_size_are_not_loaded_silently(res
         assert "_absmax" in loaded["error"], loaded["error"]
     else:  # loaded: only an exact reshard of the moments would be acceptable
         torch.testing.assert_close(loaded["exp_avg"], saved, rtol=0, atol=0)
+
+
+def test_8bit_full_state_dict_of_another_world_size_is_refused(reshard_results):
+    """``set_optimizer_state_dict(full_state_dict=True)`` has no size check: it reshards the 2 ranks'
+    (2, blocks) scales onto 1 rank, where reading the first scales would dequantize with the wrong
+    ones (28% off, measured); ``load_state_dict`` refuses it, naming the scales and both sizes."""
+    error = reshard_results[0]["vector_full_loaded"].get("error", "loaded without an error")
+    assert error.startswith("ValueError") and "exp_avg_absmax" in error, error
+    assert "scales of 2 ranks' rows, but this mesh has 1 ranks" in error, error
