@@ -6,7 +6,10 @@ interpreted function, from ``TRITON_INTERPRET``; set that before importing any k
 
 from __future__ import annotations
 
+import contextlib
 import os
+
+import torch
 
 try:
     import triton
@@ -22,6 +25,20 @@ except Exception:  # no triton wheel for this platform, or a broken install
 def interpreting() -> bool:
     """Whether kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context manager to wrap a kernel launch in: ``t``'s CUDA device made current.
+
+    Triton launches on the *current* CUDA device and its current stream, not on the device of
+    the tensors it is given; with ``t`` on ``cuda:1`` while ``cuda:0`` is current (one process
+    driving several GPUs, e.g. a pipeline split) the kernel would run on the wrong GPU.
+    ``torch.cuda.device(t.device)`` makes ``t``'s device (so its current stream) the launch
+    target. A no-op for tensors on other devices (CPU tensors under the interpreter).
+    """
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 if HAS_TRITON:
@@ -65,4 +82,4 @@ else:
     _rounded_for = None
     _grouped_tile_offsets = None
 
-__all__ = ["HAS_TRITON", "_grouped_tile_offsets", "_rounded_for", "interpreting", "tl", "triton"]
+__all__ = ["HAS_TRITON", "_grouped_tile_offsets", "_rounded_for", "interpreting", "on_device", "tl", "triton"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, on_device, tl, triton
 
 __all__ = [
     "adam_direction",
@@ -162,9 +162,10 @@ def _launch(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, update_param: bool, *
     n = g.numel()
     grid = (triton.cdiv(n, _BLOCK),)
     emulate_rtne = interpreting()
-    _adamw_kernel[grid](
-        p, g, m, v, n, **scalars, UPDATE_PARAM=update_param, EMULATE_RTNE=emulate_rtne, BLOCK=_BLOCK
-    )
+    with on_device(p):
+        _adamw_kernel[grid](
+            p, g, m, v, n, **scalars, UPDATE_PARAM=update_param, EMULATE_RTNE=emulate_rtne, BLOCK=_BLOCK
+        )
 
 
 def _require_triton(op: str) -> None:

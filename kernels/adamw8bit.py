@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, on_device, tl, triton
 from lowmem.kernels.blockwise_quant import (
     BLOCK,
     dequantize_blockwise,
@@ -285,20 +285,21 @@ def adamw8bit(
     scalars = adamw8bit_scalars(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, maximize=maximize
     )
-    _adamw8bit_kernel[(num_blocks(n),)](
-        *flat,
-        signed.qmap,
-        signed.midpoints,
-        unsigned.qmap,
-        unsigned.midpoints,
-        n,
-        **scalars,
-        EMULATE_RTNE=interpreting(),
-        BLOCK=BLOCK,
-        # The reference rounds every product and sum; an FMA would round once and move codes
-        # that sit on a midpoint.
-        enable_fp_fusion=False,
-    )
+    with on_device(flat[0]):
+        _adamw8bit_kernel[(num_blocks(n),)](
+            *flat,
+            signed.qmap,
+            signed.midpoints,
+            unsigned.qmap,
+            unsigned.midpoints,
+            n,
+            **scalars,
+            EMULATE_RTNE=interpreting(),
+            BLOCK=BLOCK,
+            # The reference rounds every product and sum; an FMA would round once and move codes
+            # that sit on a midpoint.
+            enable_fp_fusion=False,
+        )
     copy_back([originals[0], *originals[2:]], [flat[0], *flat[2:]])
 
 

@@ -52,7 +52,8 @@ def fp8_supported(device: torch.device | str) -> bool:
 
 
 def scaled_mm_fallbacks() -> dict[tuple, str]:
-    """``{(a dtype, b dtype, scale kind, out dtype): reason}`` for every combination that
+    """``{(a dtype, b dtype, scale_a kind, scale_b kind, out dtype): reason}`` (kinds "tensor" or
+    "row") for every combination that
     :func:`fp8_matmul_scaled_mm` had to run through the reference in this process."""
     return dict(_FALLBACKS)
 
@@ -123,8 +124,11 @@ def fp8_matmul_scaled_mm(
 ) -> Tensor:
     """:func:`fp8_matmul_ref`'s contract through ``torch._scaled_mm`` on fp8-capable GPUs."""
     _check(a, b, scale_a, scale_b, bias, "fp8_matmul_scaled_mm")
-    kind = "tensor" if scale_a.dim() == 0 else "row"
-    key = (a.dtype, b.dtype, kind, out_dtype)
+    kind_a = "tensor" if scale_a.dim() == 0 else "row"
+    kind_b = "tensor" if scale_b.dim() == 0 else "row"
+    # Both kinds: a rejected mixed call (row x tensor) must not send all-row-wise calls with the
+    # same dtypes to the emulation too.
+    key = (a.dtype, b.dtype, kind_a, kind_b, out_dtype)
     if key in _FALLBACKS or not fp8_supported(a.device):
         return fp8_matmul_ref(a, b, scale_a, scale_b, bias, out_dtype)
     m, n = a.shape[0], b.shape[1]
@@ -132,7 +136,7 @@ def fp8_matmul_scaled_mm(
     b_p = _pad_to_16(_pad_to_16(b, 0), 1)
     b_p = b_p.t().contiguous().t()  # column-major (K16, N16)
     sb = scale_b.float()
-    if kind == "row" and sb.shape[1] != b_p.shape[1]:
+    if kind_b == "row" and sb.shape[1] != b_p.shape[1]:
         sb = F.pad(sb, (0, b_p.shape[1] - sb.shape[1]), value=1.0)
     try:
         out = torch._scaled_mm(
@@ -141,7 +145,7 @@ def fp8_matmul_scaled_mm(
     except RuntimeError as exc:  # a combination this cuBLASLt/torch build does not serve
         _FALLBACKS[key] = str(exc).splitlines()[0]
         warnings.warn(
-            f"torch._scaled_mm rejected fp8 {a.dtype} x {b.dtype} with {kind}-wise scales "
+            f"torch._scaled_mm rejected fp8 {a.dtype} x {b.dtype} with {kind_a}-wise x {kind_b}-wise scales "
             f"({_FALLBACKS[key]}); using the emulated fp8 matmul for this combination "
             "(slower, same numerics)",
             RuntimeWarning,

@@ -8,12 +8,26 @@ bias, and shapes off cuBLASLt's preferred grid (K or N not multiples of 16, whic
 *bucket* times both and remembers the winner for the rest of the process:
 
 - bucket key: device index, both operand dtypes, both scale kinds (tensor / row), output dtype,
-  bias or not, and M, N, K each rounded up to a power of two (a training run has a handful of
-  shapes, so a handful of measurements, each a few milliseconds once);
-- measurement: one warm-up call each (it compiles and autotunes the Triton kernel), then
-  ``_REPEATS`` calls each between CUDA events, median; ties go to ``torch._scaled_mm``;
-- no measurement while a CUDA graph is being captured (synchronizing is illegal there):
-  ``torch._scaled_mm`` is used and nothing is cached;
+  bias or not, M, N, K each rounded up to a power of two (a training run has a handful of
+  shapes, so a handful of measurements, each a few milliseconds once), and the operand layout
+  (``a`` K-major, ``b`` K-major): the Triton kernel copies a non-K-major operand first and
+  ``fp8_matmul_scaled_mm`` copies to its own layout, so the layer's dX GEMM (``b`` is W, not
+  K-major) and a K-major GEMM of the same sizes cost differently and are timed apart;
+- measurement: on the operands' device, one warm-up call each (it compiles and autotunes the
+  Triton kernel), then ``_REPEATS`` calls each between CUDA events, median; ties go to
+  ``torch._scaled_mm``;
+- CUDA-graph capture: no measurement (synchronizing is illegal there): ``torch._scaled_mm`` is
+  used and nothing is cached. A bucket that chose Triton also uses ``torch._scaled_mm`` during
+  capture unless Triton's autotuner already holds this exact key (M bucket, N, K, scale kinds,
+  dtypes), since a new key benchmarks and synchronizes. So capture after an eager warm-up at
+  the same shapes, or the captured graph runs cuBLASLt. A Triton launch may still compile a new
+  specialization (e.g. another stride alignment) during capture; the warm-up avoids that too.
+  Another thread capturing in global mode is not detected (``_capturing`` sees only this
+  thread's current stream): a first call per bucket then synchronizes inside that capture;
+- ``torch.compile``: the measurement is ``torch.compiler.disable``-d (events, synchronization
+  and the Python dict of choices cannot be traced), so Dynamo breaks the graph there and runs it
+  eagerly; with ``fullgraph=True`` that break is an error, so make the first call for each
+  bucket eagerly (one eager step) before compiling;
 - a kernel that fails (a Triton build without fp8 ``tl.dot`` for this GPU) loses, with its
   error kept in :func:`fp8_matmul_choices` for ``lowmem.bench.lowp_linear`` to print.
 
@@ -36,6 +50,7 @@ import torch
 from torch import Tensor
 
 from lowmem._ops import forced_backend
+from lowmem.kernels._triton import on_device
 from lowmem.kernels.fp8_matmul import fp8_matmul_ref, fp8_matmul_scaled_mm, fp8_supported
 
 __all__ = ["fp8_matmul_choices", "fp8_matmul_fastest"]
@@ -50,6 +65,12 @@ def _triton_fp8_matmul() -> Callable[..., Tensor]:
     from lowmem.kernels.fp8_matmul_triton import fp8_matmul
 
     return fp8_matmul
+
+
+def _triton_autotuned(*args: object) -> bool:
+    from lowmem.kernels.fp8_matmul_triton import autotuned
+
+    return autotuned(*args)  # type: ignore[arg-type]
 
 
 def _capturing() -> bool:
@@ -99,25 +120,28 @@ def fp8_matmul_fastest(
     n = b.shape[1]
     key = (
         a.device.index, a.dtype, b.dtype, scale_a.dim() == 0, scale_b.dim() == 0, out_dtype,
-        bias is not None, _bucket(m), _bucket(n), _bucket(k),
+        bias is not None, _bucket(m), _bucket(n), _bucket(k), a.stride(1) == 1, b.stride(0) == 1,
     )  # fmt: skip
     choice = _CHOICE.get(key)
     if choice is None:
         if _capturing():
             return fp8_matmul_scaled_mm(*args)
         choice = _measure(key, args)
-    if choice == "triton":
+    # A key new to Triton's autotuner benchmarks and synchronizes: not inside a capture.
+    if choice == "triton" and (not _capturing() or _triton_autotuned(*args)):
         return _triton_fp8_matmul()(*args)
     return fp8_matmul_scaled_mm(*args)
 
 
+@torch.compiler.disable  # events, synchronize and the dict of choices: eager only (module docstring)
 def _measure(key: tuple, args: tuple) -> str:
-    measured: dict[str, float | str] = {"scaled_mm_ms": _median_ms(lambda: fp8_matmul_scaled_mm(*args))}
-    try:
-        kernel = _triton_fp8_matmul()
-        measured["triton_ms"] = _median_ms(lambda: kernel(*args))
-    except Exception as exc:  # a Triton build or GPU that cannot compile fp8 tl.dot: cuBLASLt wins
-        measured["triton_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    with on_device(args[0]):  # events and synchronize() act on the current device: make it a's
+        measured: dict[str, float | str] = {"scaled_mm_ms": _median_ms(lambda: fp8_matmul_scaled_mm(*args))}
+        try:
+            kernel = _triton_fp8_matmul()
+            measured["triton_ms"] = _median_ms(lambda: kernel(*args))
+        except Exception as exc:  # a Triton build or GPU that cannot compile fp8 tl.dot: cuBLASLt wins
+            measured["triton_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     triton_ms = measured.get("triton_ms")
     faster = isinstance(triton_ms, float) and triton_ms < measured["scaled_mm_ms"]  # type: ignore[operator]
     _CHOICE[key] = "triton" if faster else "scaled_mm"

@@ -43,10 +43,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _grouped_tile_offsets, _rounded_for, interpreting, tl, triton
-from lowmem.kernels.fp8_matmul import _check
+from lowmem.kernels._triton import (
+    HAS_TRITON,
+    _grouped_tile_offsets,
+    _rounded_for,
+    interpreting,
+    on_device,
+    tl,
+    triton,
+)
+from lowmem.kernels.fp8_matmul import _check, fp8_supported
 
-__all__ = ["fp8_matmul", "fp8_matmul_bytes", "fp8_matmul_flops"]
+__all__ = ["autotuned", "fp8_matmul", "fp8_matmul_bytes", "fp8_matmul_flops"]
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -164,12 +172,17 @@ def fp8_matmul(
         (M, N) ``out_dtype``: ``(a.float() @ b.float()) * scale_a * scale_b + bias``, equal to
         :func:`lowmem.kernels.fp8_matmul.fp8_matmul_ref` up to fp32 summation order (module
         docstring).
+
+    Raises:
+        ValueError: on a CUDA device below compute capability 8.9 (no fp8 tensor cores; reached
+            by forcing ``LOWMEM_BACKEND=triton`` there).
     """
     if not HAS_TRITON:
         raise RuntimeError(
             "fp8_matmul: triton is not importable; use lowmem.kernels.fp8_matmul.fp8_matmul_ref"
         )
     _check(a, b, scale_a, scale_b, bias, "fp8_matmul")
+    _require_fp8_tensor_cores(a.device)
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"fp8_matmul: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     for name, t in (("b", b), ("scale_a", scale_a), ("scale_b", scale_b), ("bias", bias)):
@@ -207,14 +220,61 @@ def fp8_matmul(
     if interpreted:
         cfg = _INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _fp8_matmul_kernel[grid](*args, **flags, **cfg, num_warps=4, num_stages=1)
+        with on_device(a):
+            _fp8_matmul_kernel[grid](*args, **flags, **cfg, num_warps=4, num_stages=1)
     else:
 
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _fp8_matmul_kernel_tuned[grid](*args, **flags)
+        with on_device(a):
+            _fp8_matmul_kernel_tuned[grid](*args, **flags)
     return out
+
+
+def _require_fp8_tensor_cores(device: torch.device) -> None:
+    """Raise for a CUDA device without fp8 tensor cores, where Triton cannot compile an fp8
+    ``tl.dot`` (its error, "fp8e4nv not supported ...", names neither the cause nor the fix)."""
+    if device.type == "cuda" and not fp8_supported(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"fp8_matmul: the Triton fp8 GEMM needs fp8 tensor cores (CUDA compute capability 8.9+, "
+            f"sm89+); {device} is sm{major}{minor}. Use lowmem.kernels.fp8_matmul.fp8_matmul_ref "
+            "(LOWMEM_BACKEND=ref) or leave LOWMEM_BACKEND unset, which picks it on this GPU"
+        )
+
+
+def autotuned(
+    a: Tensor,
+    b: Tensor,
+    scale_a: Tensor,
+    scale_b: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> bool:
+    """Whether the GPU autotuner already holds a config for this call's problem, so that
+    :func:`fp8_matmul` would launch without benchmarking (arguments as :func:`fp8_matmul`).
+
+    The autotuner benchmarks every config and synchronizes on a key it has not seen, which is
+    illegal inside CUDA-graph capture; :mod:`lowmem.kernels.fp8_matmul_select` asks this first.
+    The key is rebuilt as Triton 3.9's ``Autotuner.run`` builds it: the values of
+    ``_TUNE_KEY``, then ``str(dtype)`` of every tensor argument in argument order (checked in
+    tests/kernels against the autotuner itself).
+    """
+    if not HAS_TRITON:
+        return False
+    m, k = a.shape
+    n = b.shape[1]
+    named = {
+        "a_ptr": a.dtype, "b_ptr": b.dtype, "out_ptr": out_dtype, "sa_ptr": torch.float32,
+        "sb_ptr": torch.float32, "bias_ptr": bias.dtype if bias is not None else out_dtype,
+        "M_BUCKET": 1 << max(0, (m - 1).bit_length()), "N": n, "K": k,
+        "ROW_A": scale_a.dim() != 0, "ROW_B": scale_b.dim() != 0,
+    }  # fmt: skip
+    tuner = _fp8_matmul_kernel_tuned
+    key = [named[name] for name in tuner.keys]
+    key += [str(named[name]) for name in tuner.arg_names if isinstance(named.get(name), torch.dtype)]
+    return tuple(key) in tuner.cache
 
 
 def fp8_matmul_bytes(m: int, n: int, k: int, out_itemsize: int, rowwise: bool, has_bias: bool = False) -> int:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, interpreting, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, interpreting, on_device, tl, triton
 from lowmem.kernels.fp8_matmul import fp8_supported
 from lowmem.kernels.fp8_quantize import FP8_MAX, TINY, _check_fp8_args, quantize_fp8, quantize_fp8_delayed_ref
 
@@ -55,7 +55,11 @@ __all__ = ["MAX_PARTIALS", "quantize_fp8_bytes", "quantize_fp8_delayed_triton", 
 
 #: Most partial maxima the tensor-wise absmax pass writes (each program of the cast reads them
 #: all). The delayed cast is not capped: it writes one per tile, reduced by one torch ``amax``.
-MAX_PARTIALS = 1024
+#: 256, a guess for GPU speed not yet measured: every cast program re-reads all partials (at
+#: 1024, ~16 MB of L2 reads for an 8192x4096 bf16 tensor of 64 MB), while 256 programs looping
+#: over their share still fill a GPU for the partial pass. A max is order independent, so the
+#: codes and scale are the same bits for any value (the tests check them against the reference).
+MAX_PARTIALS = 256
 
 # (mantissa bits, smallest normal, subnormal rounding constant 1.5 * 2**(23 + log2(smallest
 # subnormal)): |y| + C lies in [C, 2C) whose fp32 spacing is the smallest subnormal).
@@ -218,9 +222,12 @@ if HAS_TRITON:
     ):
         absmax, bad = _reduce_partials(partial_ptr, P, BLOCK_P)
         inv, scale = _scale_from_absmax(absmax, bad, FP8_MAX_VAL, TINY_ABSMAX)
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        if (pid_r == 0) & (pid_c == 0):
+        # 1-D grid (2**31 - 1 programs) of row-major tiles: a 2-D grid's axis 1 stops at 65535.
+        pid = tl.program_id(0)
+        tiles_c = tl.cdiv(C, BLOCK_C)
+        pid_r = pid // tiles_c
+        pid_c = pid % tiles_c
+        if pid == 0:
             tl.store(scale_ptr, scale)
         rr = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cc = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -255,8 +262,10 @@ if HAS_TRITON:
         amax = tl.load(amax_ptr)
         zero = amax <= TINY_ABSMAX
         inv = tl.where(zero, 0.0, tl.div_rn(FP8_MAX_VAL, tl.where(zero, 1.0, amax)))
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
+        pid = tl.program_id(0)  # 1-D grid of row-major tiles, as _quantize_fp8_tensor_kernel
+        tiles_c = tl.cdiv(C, BLOCK_C)
+        pid_r = pid // tiles_c
+        pid_c = pid % tiles_c
         rr = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cc = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rr < R)[:, None] & (cc < C)[None, :]
@@ -264,7 +273,6 @@ if HAS_TRITON:
         x = x.to(tl.float32)
         a = tl.abs(x)
         finite = a < float("inf")  # False for NaN too
-        pid = pid_r * tl.num_programs(1) + pid_c
         tl.store(partial_ptr + pid, tl.max(tl.max(tl.where(finite, a, 0.0), axis=1), axis=0))
         tl.store(bad_ptr + pid, tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0))
         y = _cast_tile(x, inv, FP8_MAX_VAL, MANT_BITS, MIN_NORMAL, SUB_MAGIC)
@@ -324,16 +332,18 @@ def _quantize_tensorwise(x: Tensor, q: Tensor, consts: dict) -> Tensor:
     cols_per = triton.cdiv(tiles_c, grid_c) * block_c
     grid_r, grid_c = triton.cdiv(rows, rows_per), triton.cdiv(cols, cols_per)
     partials = torch.empty(grid_r * grid_c, dtype=torch.float32, device=x.device)
-    _absmax_partials_kernel[(grid_r, grid_c)](
-        x, partials, rows, cols, x.stride(0), x.stride(1), rows_per, cols_per,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
-    )  # fmt: skip
     scale = torch.empty((), dtype=torch.float32, device=x.device)
-    _quantize_fp8_tensor_kernel[(tiles_r, tiles_c)](
-        x, q, scale, partials, partials.numel(), rows, cols,
-        x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        **consts, BLOCK_P=_next_pow2(partials.numel()), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
-    )  # fmt: skip
+    with on_device(x):
+        # (grid_r, grid_c): at most MAX_PARTIALS programs, far below the 65535 of grid axis 1.
+        _absmax_partials_kernel[(grid_r, grid_c)](
+            x, partials, rows, cols, x.stride(0), x.stride(1), rows_per, cols_per,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
+        _quantize_fp8_tensor_kernel[(tiles_r * tiles_c,)](
+            x, q, scale, partials, partials.numel(), rows, cols,
+            x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+            **consts, BLOCK_P=_next_pow2(partials.numel()), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
     return scale
 
 
@@ -372,10 +382,11 @@ def quantize_fp8_triton(x: Tensor, fp8_dtype: torch.dtype, dim: int | None = Non
     else:
         sxg, sxr, sqg, sqr = x.stride(1), x.stride(0), q.stride(1), q.stride(0)
     block_g, block_r, warps = _groups_config(groups, reduced, sxr == 1)
-    _quantize_fp8_groups_kernel[(triton.cdiv(groups, block_g),)](
-        x, q, scale, groups, reduced, sxg, sxr, sqg, sqr,
-        **consts, BLOCK_G=block_g, BLOCK_R=block_r, num_warps=warps,
-    )  # fmt: skip
+    with on_device(x):
+        _quantize_fp8_groups_kernel[(triton.cdiv(groups, block_g),)](
+            x, q, scale, groups, reduced, sxg, sxr, sqg, sqr,
+            **consts, BLOCK_G=block_g, BLOCK_R=block_r, num_warps=warps,
+        )  # fmt: skip
     return q, scale.view(shape)
 
 
@@ -412,13 +423,14 @@ def quantize_fp8_delayed_triton(
         scale = torch.where(zero, 0.0, safe / torch.full_like(safe, fmax))
         return q, scale, torch.zeros((), dtype=torch.float32, device=x.device)
     block_r, block_c, warps = _tile_2d(rows, cols, x.stride(1) == 1)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
-    bad = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device)
-    _cast_fp8_delayed_kernel[grid](
-        x, q, amax, partials, bad, rows, cols, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        **_constants(fp8_dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
-    )  # fmt: skip
+    tiles = triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c)
+    partials = torch.empty(tiles, dtype=torch.float32, device=x.device)
+    bad = torch.empty(tiles, dtype=torch.int32, device=x.device)
+    with on_device(x):
+        _cast_fp8_delayed_kernel[(tiles,)](
+            x, q, amax, partials, bad, rows, cols, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+            **_constants(fp8_dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
     # Small device-side reductions over the partials: no host sync, nothing waits on them but
     # the GEMM epilogue (scale) and the history update (amax_now).
     zero = amax <= TINY

@@ -33,7 +33,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _grouped_tile_offsets, _rounded_for, interpreting, tl, triton
+from lowmem.kernels._triton import (
+    HAS_TRITON,
+    _grouped_tile_offsets,
+    _rounded_for,
+    interpreting,
+    on_device,
+    tl,
+    triton,
+)
 
 __all__ = ["MAX_K", "int8_matmul", "int8_matmul_bytes", "int8_matmul_ops", "int8_matmul_ref"]
 
@@ -221,13 +229,15 @@ def int8_matmul(
     if interpreted:
         cfg = _INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _int8_matmul_kernel[grid](*args, **flags, **cfg, num_warps=4, num_stages=1)
+        with on_device(a):
+            _int8_matmul_kernel[grid](*args, **flags, **cfg, num_warps=4, num_stages=1)
     else:
 
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _int8_matmul_kernel_tuned[grid](*args, **flags)
+        with on_device(a):
+            _int8_matmul_kernel_tuned[grid](*args, **flags)
     return out
 
 

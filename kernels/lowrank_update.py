@@ -28,7 +28,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _grouped_tile_offsets, _rounded_for, interpreting, tl, triton
+from lowmem.kernels._triton import (
+    HAS_TRITON,
+    _grouped_tile_offsets,
+    _rounded_for,
+    interpreting,
+    on_device,
+    tl,
+    triton,
+)
 
 __all__ = ["lowrank_update", "lowrank_update_bytes", "lowrank_update_flops", "lowrank_update_ref"]
 
@@ -181,33 +189,34 @@ def lowrank_update(weight: Tensor, a: Tensor, b: Tensor, *, alpha: float, beta: 
     else:
         block_m, block_n, block_k, num_warps, num_stages = _gpu_config(m, n, k)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _lowrank_update_kernel[grid](
-        weight,
-        a,
-        b,
-        m,
-        n,
-        k,
-        weight.stride(0),
-        weight.stride(1),
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        float(alpha),
-        float(beta),
-        HAS_BETA=beta != 0,
-        # tf32 is moot for 16-bit inputs; fp32 inputs must not be rounded to tf32.
-        INPUT_PRECISION="ieee" if a.dtype == torch.float32 or dot_in_fp32 else "tf32",
-        DOT_IN_FP32=dot_in_fp32,
-        EMULATE_RTNE=interpreted,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        GROUP_M=8,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    with on_device(weight):
+        _lowrank_update_kernel[grid](
+            weight,
+            a,
+            b,
+            m,
+            n,
+            k,
+            weight.stride(0),
+            weight.stride(1),
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            float(alpha),
+            float(beta),
+            HAS_BETA=beta != 0,
+            # tf32 is moot for 16-bit inputs; fp32 inputs must not be rounded to tf32.
+            INPUT_PRECISION="ieee" if a.dtype == torch.float32 or dot_in_fp32 else "tf32",
+            DOT_IN_FP32=dot_in_fp32,
+            EMULATE_RTNE=interpreted,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            GROUP_M=8,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
 
 
 def lowrank_update_ref(weight: Tensor, a: Tensor, b: Tensor, *, alpha: float, beta: float) -> None:

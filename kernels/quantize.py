@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, interpreting, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, interpreting, on_device, tl, triton
 from lowmem.kernels.fp8_quantize import TINY
 
 __all__ = [
@@ -176,10 +176,11 @@ def quantize_int8(x: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:
         sxg, sxr, sqg, sqr = x.stride(1), x.stride(0), q.stride(1), q.stride(0)
     block_g, block_r, num_warps = _config(groups, reduced, sxr == 1)
     grid = (triton.cdiv(groups, block_g),)
-    _quantize_int8_kernel[grid](
-        x, q, scale, groups, reduced, sxg, sxr, sqg, sqr,
-        TINY_ABSMAX=TINY, BLOCK_G=block_g, BLOCK_R=block_r, num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(x):
+        _quantize_int8_kernel[grid](
+            x, q, scale, groups, reduced, sxg, sxr, sqg, sqr,
+            TINY_ABSMAX=TINY, BLOCK_G=block_g, BLOCK_R=block_r, num_warps=num_warps,
+        )  # fmt: skip
     return q, scale
 
 

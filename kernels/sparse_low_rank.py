@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, tl, triton
+from lowmem.kernels._triton import HAS_TRITON, _rounded_for, interpreting, on_device, tl, triton
 
 __all__ = [
     "SparseLowRankLinearFunction",
@@ -267,34 +267,35 @@ def sparse_low_rank_weight(
             f"need {tiles}); pass tile_order(index, {m}, {n}, {block_m}, {block_n}) or order=None"
         )
     dot_in_fp32 = interpreted and b.dtype == torch.bfloat16
-    _sparse_low_rank_weight_kernel[(tiles,)](
-        w,
-        b,
-        a,
-        values,
-        index,
-        perm,
-        tile_ptr,
-        m,
-        n,
-        k,
-        w.stride(0),
-        w.stride(1),
-        b.stride(0),
-        b.stride(1),
-        a.stride(0),
-        a.stride(1),
-        float(scale),
-        INPUT_PRECISION="ieee" if b.dtype == torch.float32 or dot_in_fp32 else "tf32",
-        DOT_IN_FP32=dot_in_fp32,
-        EMULATE_RTNE=interpreted,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_S=block_s,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    with on_device(w):
+        _sparse_low_rank_weight_kernel[(tiles,)](
+            w,
+            b,
+            a,
+            values,
+            index,
+            perm,
+            tile_ptr,
+            m,
+            n,
+            k,
+            w.stride(0),
+            w.stride(1),
+            b.stride(0),
+            b.stride(1),
+            a.stride(0),
+            a.stride(1),
+            float(scale),
+            INPUT_PRECISION="ieee" if b.dtype == torch.float32 or dot_in_fp32 else "tf32",
+            DOT_IN_FP32=dot_in_fp32,
+            EMULATE_RTNE=interpreted,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_S=block_s,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     return w
 
 

@@ -43,11 +43,13 @@ Values above ``amax_d`` (a tensor that grew faster than its history) *saturate* 
 instead of becoming inf/NaN; that clipping is the price of the missing reduction, and is why the
 history is a max over several steps. The first use of each operand (empty history) measures
 its absmax first, so step 1 equals dynamic tensor-wise scaling. The histories are buffers with
-``persistent=False``: they move with ``.to()`` and are not in the state dict (which stays
-loadable into ``nn.Linear``); a layer built to resume from a checkpoint re-measures on its
-first step. Like torchao's delayed recipe, a forward run twice per step (activation
-checkpointing) records x and W twice, and every forward records, eval and ``no_grad`` ones
-included. Across processes nothing all-reduces the histories (torchao can). DDP by default
+``persistent=False``: they move to another device with ``.to()`` but stay fp32 under
+``.half()`` / ``.to(dtype)`` (an fp16 history would hold inf for an absmax above 65504, and
+scale inf gives NaN outputs), and are not in the state dict (which stays loadable into
+``nn.Linear``); a layer built to resume from a checkpoint re-measures on its first step.
+Like torchao's delayed recipe, a forward run twice per step (activation checkpointing) records
+x and W twice, and every forward records, eval and ``no_grad`` ones included. Across processes
+nothing all-reduces the histories (torchao can). DDP by default
 (``broadcast_buffers`` / ``forward_sync_buffers``) broadcasts every buffer, these included,
 from rank 0 before each forward, so all ranks scale with rank 0's history and their own updates
 are overwritten; a rank whose tensors outgrow rank 0's saturates more often, but the results
@@ -66,6 +68,7 @@ inf/NaN there too); see :mod:`lowmem.kernels.quantize`. Loss scalers see them as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -299,7 +302,8 @@ class LowPrecisionLinear(nn.Linear):
 
     Buffers (``scaling="delayed"`` only, ``persistent=False`` so the state dict keys stay
     ``nn.Linear``'s): ``amax_history_x``, ``amax_history_w``, ``amax_history_grad``, fp32
-    ``(amax_history_len,)``, newest first.
+    ``(amax_history_len,)``, newest first; they follow device moves but keep fp32 under
+    ``.half()`` / ``.to(dtype)``.
 
     Input (..., in_features) in fp32/bf16/fp16; output (..., out_features) in the input's dtype,
     or autocast's dtype inside ``torch.autocast`` (like ``nn.Linear``). Parameters ``weight``
@@ -334,6 +338,22 @@ class LowPrecisionLinear(nn.Linear):
             history = torch.zeros(self.amax_history_len, dtype=torch.float32, device=device)
             self.register_buffer(f"amax_history_{op}", history, persistent=False)
         self._delayed = _DelayedScaling(self)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LowPrecisionLinear:
+        # The amax histories follow every conversion (device moves, to_empty, share_memory_) except
+        # a change of dtype: they stay fp32. Under .half() an absmax above 65504 would be stored
+        # as inf, and the next amax_history_len steps would cast with scale inf: NaN outputs.
+        histories = {
+            name: buf
+            for name, buf in self._buffers.items()
+            if name.startswith("amax_history_") and buf is not None
+        }
+        super()._apply(fn, recurse)
+        for name, old in histories.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
 
     @classmethod
     def from_linear(

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from lowmem.kernels import fp8_matmul as fp8_module
 from lowmem.kernels.fp8_matmul import fp8_matmul_ref, fp8_matmul_scaled_mm, fp8_supported
 from lowmem.kernels.fp8_quantize import quantize_fp8
 
@@ -86,3 +87,36 @@ def test_bad_arguments() -> None:
         fp8_matmul_ref(a, a, torch.ones(()), torch.ones(()))
     with pytest.raises(ValueError, match="scale_a"):
         fp8_matmul_ref(a, a.t(), torch.ones(3, 1), torch.ones(()))
+
+
+def test_scaled_mm_fallback_is_keyed_on_both_scale_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cuBLASLt rejection of mixed scale kinds sends that combination to the emulation, and only
+    it: all-tensor-wise calls with the same dtypes keep using ``torch._scaled_mm``. Row x tensor
+    (N not a multiple of 16) reaches ``_scaled_mm`` too (it used to index the 0-d scale_b as a row).
+    The CPU stands in for an fp8 GPU; the fake ``_scaled_mm`` computes the product and rejects
+    mixed kinds, as some torch builds do."""
+    calls: list[tuple[int, int]] = []
+
+    def fake_scaled_mm(a, b, *, scale_a, scale_b, out_dtype):
+        calls.append((scale_a.dim(), scale_b.dim()))
+        if (scale_a.numel() == 1) != (scale_b.numel() == 1):
+            raise RuntimeError("Invalid scaling configuration\nmore lines")
+        return ((a.float() @ b.float()) * scale_a * scale_b).to(out_dtype)
+
+    monkeypatch.setattr(fp8_module, "fp8_supported", lambda device: True)
+    monkeypatch.setattr(fp8_module, "_FALLBACKS", {})
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    _, _, a, sa, b, sb = _operands(16, 13, 32, E4M3, E4M3, True, "cpu")
+    one = torch.ones(())
+    with pytest.warns(RuntimeWarning, match="rejected"):
+        mixed = fp8_matmul_scaled_mm(a, b, one, sb)
+    assert torch.equal(mixed, fp8_matmul_ref(a, b, one, sb))
+    assert list(fp8_module.scaled_mm_fallbacks()) == [(E4M3, E4M3, "tensor", "row", torch.float32)]
+    tensorwise = fp8_matmul_scaled_mm(a, b, one, one)  # not rejected: still through _scaled_mm
+    assert calls == [(0, 2), (0, 0)]
+    torch.testing.assert_close(tensorwise, fp8_matmul_ref(a, b, one, one))
+    fp8_matmul_scaled_mm(a, b, one, sb)  # the rejected combination: emulated, not retried
+    assert len(calls) == 2
+    with pytest.warns(RuntimeWarning, match="row-wise x tensor-wise"):
+        fp8_matmul_scaled_mm(a, b, sa, one)
+    assert calls[-1] == (2, 0) and len(fp8_module.scaled_mm_fallbacks()) == 2

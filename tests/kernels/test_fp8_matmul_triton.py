@@ -7,6 +7,8 @@ the timings faked, since this machine has no fp8 GPU."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ import lowmem
 from lowmem._ops import dispatch
 from lowmem.kernels import fp8_matmul_select as select
 from lowmem.kernels import fp8_matmul_triton
+from lowmem.kernels._triton import triton
 from lowmem.kernels.fp8_matmul import fp8_matmul_ref, fp8_supported
 from lowmem.kernels.fp8_quantize import quantize_fp8
 
@@ -244,3 +247,130 @@ def test_select_forced_cuda_and_graph_capture_skip_measuring(monkeypatch: pytest
 def test_select_without_fp8_tensor_cores_is_the_reference() -> None:
     a, b, sa, sb = _problem(5, 7, 9)
     assert torch.equal(select.fp8_matmul_fastest(a, b, sa, sb), fp8_matmul_ref(a, b, sa, sb))
+
+
+def test_select_key_includes_the_operand_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer's dX GEMM (b = W, not K-major: copied first) and a K-major GEMM of the same
+    sizes cost differently, so they are measured apart."""
+    fake = _FakeBackends(monkeypatch, scaled_mm_ms=2.0, triton_ms=1.0)
+    a, b, sa, sb = _problem(100, 48, 64)  # b (K, N) row-major: not K-major
+    select.fp8_matmul_fastest(a, b, sa, sb)
+    select.fp8_matmul_fastest(a, b.t().contiguous().t(), sa, sb)  # the same sizes, b K-major
+    assert fake.measured == 4
+    assert sorted(key[-2:] for key in select.fp8_matmul_choices()) == [(True, False), (True, True)]
+
+
+def test_select_under_graph_capture_runs_triton_only_if_already_autotuned(monkeypatch) -> None:
+    """A bucket that chose Triton, called during CUDA-graph capture with a key the autotuner has
+    not seen (it would benchmark and synchronize inside the capture): cuBLASLt instead."""
+    fake = _FakeBackends(monkeypatch, scaled_mm_ms=2.0, triton_ms=1.0)
+    problem = _problem(16, 16, 16)
+    select.fp8_matmul_fastest(*problem)  # eager: measured, Triton chosen
+    fake.calls.clear()
+    asked: list[tuple] = []
+    tuned = {"value": False}
+
+    def autotuned(*args):
+        asked.append(args)
+        return tuned["value"]
+
+    monkeypatch.setattr(select, "_capturing", lambda: True)
+    monkeypatch.setattr(select, "_triton_autotuned", autotuned)
+    select.fp8_matmul_fastest(*problem)
+    tuned["value"] = True
+    select.fp8_matmul_fastest(*problem)
+    assert fake.calls == ["scaled_mm", "triton"] and fake.measured == 2
+    assert len(asked) == 2 and asked[0][0] is problem[0]
+
+
+def test_autotuned_rebuilds_the_autotuners_own_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``autotuned`` must build exactly the key Triton's ``Autotuner.run`` caches. A real
+    autotuner over the kernel (two configs, pruned to one so nothing is benchmarked on this CPU)
+    runs the GPU launch path once under the interpreter; afterwards ``autotuned`` says yes for
+    that problem and for another M in its bucket, no for another N, scale kind or output dtype."""
+    cfg = dict(fp8_matmul_triton._INTERPRETER_CONFIG)
+    configs = [
+        triton.Config(cfg, num_warps=4, num_stages=1),
+        triton.Config({**cfg, "GROUP_M": 4}, num_warps=4),
+    ]
+    tuner = triton.autotune(
+        configs=configs,
+        key=fp8_matmul_triton._TUNE_KEY,
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: configs[:1]},
+    )(fp8_matmul_triton._fp8_matmul_kernel)
+    monkeypatch.setattr(fp8_matmul_triton, "_fp8_matmul_kernel_tuned", tuner)
+    monkeypatch.setattr(fp8_matmul_triton, "interpreting", lambda: False)  # take the GPU launch path
+    gen = torch.Generator().manual_seed(5)
+    a, b = _small_ints((20, 24), E4M3, gen, "cpu"), _small_ints((24, 9), E5M2, gen, "cpu")
+    sa, sb = torch.ones(20, 1), torch.ones(())
+    bias = torch.randn(9, generator=gen).to(torch.bfloat16)
+    args = (a, b, sa, sb, bias, torch.float32)  # fp32 out: exact without the interpreter's RTNE fix
+    assert not fp8_matmul_triton.autotuned(*args)
+    got = fp8_matmul_triton.fp8_matmul(*args)
+    assert len(tuner.cache) == 1
+    assert torch.equal(got, fp8_matmul_ref(*args))  # small integers: exact
+    assert fp8_matmul_triton.autotuned(*args)
+    assert fp8_matmul_triton.autotuned(a[:17], b, sa[:17], sb, bias)  # M 17..32: one bucket
+    assert not fp8_matmul_triton.autotuned(a, b[:, :8], sa, sb, bias)
+    assert not fp8_matmul_triton.autotuned(a, b, torch.ones(()), sb, bias)
+    assert not fp8_matmul_triton.autotuned(a, b, sa, sb, bias, torch.bfloat16)
+    assert not fp8_matmul_triton.autotuned(a, b, sa, sb, None)
+
+
+def test_measurement_runs_on_the_operands_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA events and synchronize() act on the current device: the measurement runs inside
+    ``on_device`` of ``a``, so tensors on cuda:1 are timed on cuda:1."""
+    fake = _FakeBackends(monkeypatch, scaled_mm_ms=2.0, triton_ms=1.0)
+    inside: list[torch.device] = []
+    measured_inside: list[bool] = []
+
+    @contextlib.contextmanager
+    def on_device(t):
+        inside.append(t.device)
+        yield
+        inside.append(None)
+
+    def median_ms(fn):
+        measured_inside.append(bool(inside) and inside[-1] is not None)
+        fn()
+        return {"scaled_mm": 2.0, "triton": 1.0}[fake.calls[-1]]
+
+    monkeypatch.setattr(select, "on_device", on_device)
+    monkeypatch.setattr(select, "_median_ms", median_ms)
+    a, b, sa, sb = _problem(8, 8, 8)
+    select.fp8_matmul_fastest(a, b, sa, sb)
+    assert inside == [a.device, None] and measured_inside == [True, True]
+
+
+def test_measurement_is_eager_under_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo does not trace the measurement (CUDA events, synchronize, the dict of choices):
+    ``_measure`` is ``torch.compiler.disable``-d, so a compiled caller runs it eagerly, once per
+    bucket, and gets the reference's result."""
+    assert getattr(select._measure, "_torchdynamo_disable", False)
+    fake = _FakeBackends(monkeypatch, scaled_mm_ms=2.0, triton_ms=1.0)
+    torch._dynamo.reset()
+    compiled = torch.compile(select.fp8_matmul_fastest, backend="eager")
+    a, b, sa, sb = _problem(12, 8, 8)
+    for _ in range(2):
+        assert torch.equal(compiled(a, b, sa, sb), fp8_matmul_ref(a, b, sa, sb))
+    assert fake.measured == 2 and fake.calls[-1] == "triton"
+    torch._dynamo.reset()
+
+
+def test_forced_triton_below_sm89_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LOWMEM_BACKEND=triton`` on an sm80 GPU reaches the Triton GEMM, which cannot compile an
+    fp8 dot there: a ValueError naming sm89+ and the reference, not Triton's compile error."""
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(fp8_matmul_triton, "fp8_supported", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"sm89\+.*sm80.*fp8_matmul_ref"):
+        fp8_matmul_triton._require_fp8_tensor_cores(cuda0)
+    fp8_matmul_triton._require_fp8_tensor_cores(torch.device("cpu"))  # the interpreter: allowed
+    monkeypatch.setattr(fp8_matmul_triton, "fp8_supported", lambda device: True)
+    fp8_matmul_triton._require_fp8_tensor_cores(cuda0)  # sm89+: allowed
+    # The launcher checks the operands' device before anything else.
+    checked: list[torch.device] = []
+    monkeypatch.setattr(fp8_matmul_triton, "_require_fp8_tensor_cores", checked.append)
+    a, b, sa, sb = _problem(3, 4, 5)
+    fp8_matmul_triton.fp8_matmul(a, b, sa, sb)
+    assert checked == [a.device]

@@ -181,3 +181,49 @@ def test_bad_arguments(device: torch.device) -> None:
         kernel(torch.ones(2, 2, device=device), E4M3, 2)
     with pytest.raises(ValueError, match="float64"):
         kernel(torch.ones(2, 2, device=device, dtype=torch.float64), E4M3, None)
+
+
+def test_tile_grids_fit_cuda_launch_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA grids allow 2**31 - 1 programs on axis 0 but 65535 on axes 1 and 2. A (1, 70000)
+    tensor cut into one-column tiles (as a not column-contiguous activation with ~1M columns
+    is on a GPU: BLOCK_C = 16) needs 70000 tiles in a row: the tensor-wise cast and the delayed
+    cast must put them on axis 0. The kernels are recorded, not run (the interpreter does not
+    enforce the limits and would be slow at this size)."""
+    grids: dict[str, tuple] = {}
+
+    class Record:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid: tuple):
+            grids[self.name] = grid
+            return lambda *args, **kwargs: None
+
+    for name in ("_absmax_partials_kernel", "_quantize_fp8_tensor_kernel", "_cast_fp8_delayed_kernel"):
+        monkeypatch.setattr(fp8_quantize_triton, name, Record(name))
+    monkeypatch.setattr(fp8_quantize_triton, "_tile_2d", lambda rows, cols, col_contiguous: (1, 1, 4))
+    x = torch.zeros(1, 70_000)
+    fp8_quantize_triton.quantize_fp8_triton(x, E4M3, None)
+    fp8_quantize_triton.quantize_fp8_delayed_triton(x, E4M3, torch.tensor(1.0))
+    assert grids["_quantize_fp8_tensor_kernel"][0] == 70_000
+    assert grids["_cast_fp8_delayed_kernel"][0] == 70_000
+    for name, grid in grids.items():
+        assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), (name, grid)
+
+
+@pytest.mark.parametrize("shape", [(37, 70), (1, 45), (45, 1)])
+def test_small_tiles_in_both_axes_match_bit_for_bit(shape, monkeypatch, device: torch.device) -> None:
+    """Tiles of 16 x 16 (more than one along both axes for (37, 70): 3 x 5): the 1-D grid's
+    (row, column) mapping of the tensor-wise and delayed casts covers every tile exactly once,
+    and the delayed cast's per-tile partials cover the tensor."""
+    monkeypatch.setattr(fp8_quantize_triton, "_tile_2d", lambda rows, cols, col_contiguous: (16, 16, 4))
+    x = _wide_range(shape, torch.float32, device, seed=21)
+    x[-1, -1] = 1e5  # the absmax in the last tile
+    for fp8 in (E4M3, E5M2):
+        q, s = _quantize(device)(x, fp8, None)
+        q_ref, s_ref = quantize_fp8(x, fp8, None)
+        assert _same(q, q_ref) and _same(s, s_ref)
+        amax = torch.tensor(3e4, device=device)
+        got = _delayed(device)(x, fp8, amax)
+        want = quantize_fp8_delayed_ref(x, fp8, amax)
+        assert all(_same(g, w) for g, w in zip(got, want, strict=True)) and float(got[2]) == 1e5

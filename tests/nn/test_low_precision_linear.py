@@ -375,8 +375,13 @@ def test_delayed_state_dict_is_nn_linear_compatible() -> None:
         "amax_history_w",
         "amax_history_grad",
     ]
-    moved = layer.to(torch.float64)  # buffers follow .to() like any buffer
-    assert moved.amax_history_x.dtype == torch.float64
+    # The histories follow device moves but keep fp32 under a dtype change (fp16 would store an
+    # absmax above 65504 as inf: see test_delayed_histories_stay_fp32_under_half).
+    moved = layer.to(torch.float64)
+    assert moved.weight.dtype == torch.float64 and moved.amax_history_x.dtype == torch.float32
+    on_meta = LowPrecisionLinear(20, 12, precision="fp8", scaling="delayed").to("meta", torch.float16)
+    for name, buf in on_meta.named_buffers():
+        assert buf.device.type == "meta" and buf.dtype == torch.float32, name
     shared = LowPrecisionLinear.from_linear(dense, precision="fp8", scaling="delayed", amax_history_len=3)
     assert shared.amax_history_w.device.type == "cpu" and shared.amax_history_w.shape == (3,)
     assert "amax_history_len=3" in repr(shared)
@@ -402,3 +407,23 @@ def test_delayed_first_use_ignores_uninitialized_histories() -> None:
             assert torch.equal(got, want)
     for op in ("x", "w", "grad"):
         assert torch.equal(getattr(meta, f"amax_history_{op}"), getattr(fresh, f"amax_history_{op}"))
+
+
+def test_delayed_histories_stay_fp32_under_half() -> None:
+    """``model.half()`` with fp32 activations past fp16's range (|x| up to 1e5 > 65504): an fp16
+    history would hold inf after step 1, and the next amax_history_len steps would cast with
+    scale inf (codes 0, outputs 0 * inf = NaN). The histories keep fp32, so ``.half()`` gives
+    the same layer, step for step, as one built in fp16."""
+    kw = {"precision": "fp8", "scaling": "delayed", "amax_history_len": 4}
+    built_fp32 = LowPrecisionLinear(24, 8, **kw)
+    built_fp16 = LowPrecisionLinear(24, 8, dtype=torch.float16, **kw)
+    built_fp16.load_state_dict(built_fp32.state_dict())
+    halved = built_fp32.half()
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(3):
+        x = torch.randn(5, 24, generator=gen) * 3e4  # fp32 input, absmax ~1e5
+        y = halved(x)
+        assert bool(torch.isfinite(y).all())
+        assert torch.equal(y, built_fp16(x))
+    assert torch.equal(halved.amax_history_x, built_fp16.amax_history_x)
+    assert halved.weight.dtype == torch.float16 and halved.amax_history_x.dtype == torch.float32
