@@ -97,10 +97,15 @@ Fully sharded data parallel (FSDP2, launched by torchrun)
     ``gradient_accumulation_steps`` micro-batches itself (GaLore accumulating projected shards)
     and gradient memory stays sharded, at the cost of a reduce-scatter per micro-batch.
     ``max_grad_norm=0`` as in one process; the logged ``grad_norm`` is the norm of the whole
-    gradient (each rank's squared norm of its rows, all-reduced once per update). A
-    model sharded some other way (``fully_shard`` called by hand) is refused in layer-wise mode:
-    the Trainer defers the reduce-scatter only for a model transformers sharded, which is what
-    ``accumulation_steps=1`` relies on.
+    gradient (each rank's squared norm of its rows, all-reduced once per update). Refused in
+    layer-wise mode, when the optimizer is built (ValueError naming the cause and the fix): a model
+    sharded some other way (``fully_shard`` called by hand) or loaded tensor parallel only
+    (``DistributedConfig(tp_size=...)``): the Trainer defers the reduce-scatter only for a model
+    transformers FSDP2-sharded (``is_fsdp_managed_module``, its own test), which is what
+    ``accumulation_steps=1`` relies on; trainable plain tensors on a sharded model (PEFT adapters
+    attached after loading), whose gradients the Trainer averages only after backward; and
+    parameters that are not row shards on a 1-D mesh (HSDP, ``dp_replicate_size > 1``, whose
+    replicas the Trainer all-reduces after the hooks ran).
 
 Activation memory and layer conversions
     ``LowmemTrainer(..., activation_memory=ActivationMemory(checkpoint=True, offload=True))``
@@ -123,6 +128,7 @@ from torch import Tensor, nn
 
 try:
     from transformers import Trainer, TrainingArguments
+    from transformers.distributed.fsdp import is_fsdp_managed_module
     from transformers.trainer_utils import check_target_module_exists
 except ImportError as exc:  # an optional dependency: say how to get it
     raise ImportError(
@@ -414,13 +420,16 @@ def _check_layerwise_args(args: TrainingArguments, model: nn.Module) -> None:
         )
     if _sharded(model) and not _sharded_at_load(model):
         raise ValueError(
-            "lowmem.hf: layer-wise updates on a model whose parameters are FSDP2-sharded (DTensors) by "
-            "something other than transformers' loading: under the Trainer, layer-wise mode supports FSDP2 "
-            "for models sharded at load time, from_pretrained(..., distributed_config="
+            "lowmem.hf: layer-wise updates on a model whose parameters are DTensors that transformers' "
+            "loading did not FSDP2-shard (fully_shard called by hand, or tensor parallel only: "
+            "DistributedConfig(tp_size=...) without fsdp_size): under the Trainer, layer-wise mode supports "
+            "FSDP2 for models sharded at load time, from_pretrained(..., distributed_config="
             "transformers.DistributedConfig(fsdp_size=world_size)), whose reduce-scatter the Trainer defers "
             "to the last micro-batch of an update (which is how the optimizer counts them); load the model "
             "that way, or drop layerwise"
         )
+    if _sharded_at_load(model):
+        _check_layerwise_sharded_params(model)
     if _data_parallel(args, model) and _sync_each_batch(args):
         raise ValueError(
             "lowmem.hf: layer-wise updates under DDP run in DDP's communication hook once per update, on "
@@ -437,22 +446,62 @@ def _check_layerwise_args(args: TrainingArguments, model: nn.Module) -> None:
         )
 
 
+def _check_layerwise_sharded_params(model: nn.Module) -> None:
+    """Refuse, before training, the parameters of a model sharded at load time that layer-wise hooks
+    cannot update: plain trainable tensors next to the DTensors (PEFT adapters attached after
+    loading), and DTensors that are not FSDP2's row shards on a 1-D mesh (HSDP's 2-D mesh, tensor
+    parallelism combined with FSDP). Without this they fail at the first hook, with an error about
+    the generic multi-process guard or an unsupported placement."""
+    from torch.distributed.tensor import Shard
+
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    plain = [name for name, param in trainable if not is_dtensor(param)]
+    if plain:
+        shown = ", ".join(plain[:4]) + (" ..." if len(plain) > 4 else "")
+        raise ValueError(
+            "lowmem.hf: layer-wise updates on a model sharded at load time support its FSDP2-sharded "
+            f"(DTensor) parameters only, but {shown} ({len(plain)} trainable) are plain tensors, e.g. PEFT "
+            "adapters attached after loading: the Trainer averages their gradients over the ranks after "
+            "backward (Trainer._sync_replicated_trainable_parameters), after a layer-wise hook would have "
+            "updated each rank's copy from its own gradient. Drop layerwise (step() then updates them "
+            "from the averaged gradient), or freeze them"
+        )
+    for name, param in trainable:
+        mesh, placements = param.device_mesh, tuple(param.placements)  # type: ignore[attr-defined]
+        if mesh.ndim != 1 or placements != (Shard(0),):
+            raise ValueError(
+                "lowmem.hf: layer-wise updates support FSDP2's row shards on a 1-D mesh (Shard(0)) only, "
+                f"but {name} has placements {placements} on a {mesh.ndim}-D mesh (HSDP, DistributedConfig("
+                "dp_replicate_size>1), whose replicas the Trainer all-reduces only after the update hooks "
+                "ran; or tensor parallelism, tp_size>1): load with DistributedConfig(fsdp_size=world_size) "
+                "alone, or drop layerwise"
+            )
+
+
 def _sharded(model: nn.Module) -> bool:
     """Whether ``model`` holds DTensor parameters (FSDP2: ``from_pretrained(distributed_config=...)``)."""
     return any(is_dtensor(param) for param in model.parameters())
 
 
-def _sharded_at_load(model: nn.Module) -> bool:
-    """Whether transformers sharded ``model`` when loading it (``distributed_config=...``): the
-    Trainer then neither wraps it in DDP nor shards it again, and defers its gradient reduction
-    to the last micro-batch of each update itself (``Trainer._defer_fsdp_gradient_reduction``)."""
+def _loaded_distributed(model: nn.Module) -> bool:
+    """Whether ``from_pretrained(distributed_config=...)`` distributed ``model`` (FSDP2, tensor
+    parallelism or both): the Trainer then neither wraps it in DDP nor shards it again
+    (``Trainer.is_distributed_loading_by_transformers``)."""
     return bool(getattr(model, "is_distributed_loading_by_transformers", False))
+
+
+def _sharded_at_load(model: nn.Module) -> bool:
+    """Whether transformers FSDP2-sharded ``model`` when loading it: the Trainer's own condition
+    (distributed at load time *and* ``is_fsdp_managed_module``) for deferring its gradient
+    reduction to the last micro-batch of each update (``Trainer._defer_fsdp_gradient_reduction``).
+    A model loaded tensor parallel only is distributed but not FSDP-managed: no deferral."""
+    return _loaded_distributed(model) and is_fsdp_managed_module(model)
 
 
 def _data_parallel(args: TrainingArguments, model: nn.Module) -> bool:
     """Whether the Trainer will wrap the model in DDP (several processes, neither FSDP nor DeepSpeed,
-    nor a model transformers sharded at load time)."""
-    return args.world_size > 1 and not (args.deepspeed or args.fsdp or _sharded_at_load(model))
+    nor a model transformers distributed at load time)."""
+    return args.world_size > 1 and not (args.deepspeed or args.fsdp or _loaded_distributed(model))
 
 
 def _sync_each_batch(args: TrainingArguments) -> bool:

@@ -127,6 +127,11 @@ class ApolloAdamW(AdamLowRankOptimizer):
     def _new_basis(self, grad, group, state, side, step, old):  # type: ignore[no-untyped-def]
         return compute_basis(grad, group["rank"], side, "svd", warm_left=old[0], warm_right=old[1])
 
+    def _refresh_reads_grad(self, group: dict[str, Any]) -> bool:
+        # A random refresh reads only the gradient's finiteness and shape: FSDP2 shards are not
+        # gathered for it (optim/sharded.py).
+        return group["proj"] != "random"
+
     def _refresh(
         self, grad: Tensor, group: dict[str, Any], state: dict[str, Any], side: Side, step: int
     ) -> None:
@@ -136,11 +141,13 @@ class ApolloAdamW(AdamLowRankOptimizer):
         # A random projection does not look at the gradient, but a non-finite gradient still
         # postpones the refresh to the next step, as in every lowmem low-rank optimizer, so the
         # moments are not reset on a step whose statistics are garbage. The first projection
-        # comes from the initial seed; later ones from a new seed.
-        if not bool(torch.isfinite(grad.sum(dtype=torch.promote_types(grad.dtype, torch.float32)))):
+        # comes from the initial seed; later ones from a new seed. FSDP2: ``grad`` is this rank's
+        # rows; finiteness and shape are the whole gradient's, so every rank decides alike.
+        if not sharded.all_finite(self, grad):
             return
         if int(state["last_refresh"].item()) >= 0:
-            state["proj_seed"].fill_(stable_seed(int(state["proj_seed"].item()), tuple(grad.shape), step))
+            shape = sharded.global_shape(self, grad)
+            state["proj_seed"].fill_(stable_seed(int(state["proj_seed"].item()), shape, step))
             if group["on_refresh"] == "reset":
                 self._reset_moments(state)
         state["last_refresh"].fill_(step)

@@ -102,17 +102,18 @@ FSDP2 (``fully_shard``)
 
 Limits
     Every ``backward()`` that reaches the parameters trains them; to look at gradients without
-    training, use ``torch.autograd.grad`` (it accumulates nothing, so no hook runs). An error
-    in a hook (a sparse gradient, say) raises from ``backward()`` after the parameters hooked
-    before it were updated, and a backward that raised still counts as a micro-batch. A
-    parameter whose gradient arrives twice in one backward (reentrant checkpointing,
-    ``use_reentrant=True``, with the parameter used inside and outside a checkpointed segment)
-    cannot be updated from a partial gradient: this raises, as does accumulation when the first
-    gradients of a backward come from a reentrant segment (the micro-batch count would be
-    unreliable); use ``use_reentrant=False``, as PyTorch recommends. Checkpoint
-    (``state_dict``) between optimizer steps: gradients accumulated inside an open window are
-    not saved, exactly as ``.grad`` is not (``state_dict()`` warns). Refresh windows with
-    accumulation hold every projected weight's full gradient, as ``step()`` does.
+    training, use ``torch.autograd.grad`` (it accumulates nothing, so no hook runs). An error in a
+    hook (a sparse gradient, say, or a gradient the data-parallel guards refuse) raises from
+    ``backward()`` after the parameters hooked before it were updated, and a backward that raised
+    still counts as a micro-batch; the next ``backward()`` starts the next one, with or without
+    ``zero_grad()`` in between. A parameter whose gradient arrives twice in one backward
+    (reentrant checkpointing, ``use_reentrant=True``, with the parameter used inside and outside a
+    checkpointed segment) cannot be updated from a partial gradient: this raises, as does
+    accumulation when the first gradients of a backward come from a reentrant segment (the
+    micro-batch count would be unreliable); use ``use_reentrant=False``, as PyTorch recommends.
+    Checkpoint (``state_dict``) between optimizer steps: gradients accumulated inside an open
+    window are not saved, exactly as ``.grad`` is not (``state_dict()`` warns). Refresh windows
+    with accumulation hold every projected weight's full gradient, as ``step()`` does.
 
 Other constructors
     ``AdamLowRankOptimizer`` (GaLoreAdamW, FiraAdamW, ApolloAdamW) takes the keywords. Any other
@@ -141,7 +142,14 @@ if TYPE_CHECKING:
     from lowmem.optim.lowrank_base import LowRankOptimizer
     from lowmem.optim.projector import Side
 
-__all__ = ["LayerwiseOptions", "LayerwiseStepper", "clip_grad_per_param_", "layerwise_options"]
+__all__ = [
+    "LayerwiseOptions",
+    "LayerwiseStepper",
+    "clip_grad_per_param_",
+    "current_graph_task",
+    "layerwise_options",
+    "queue_end_of_backward",
+]
 
 #: torch.nn.utils.clip_grad_norm_'s guard against a zero norm.
 CLIP_EPS = 1e-6
@@ -200,12 +208,12 @@ def clip_grad_per_param_(
     grad.mul_(coef)
 
 
-def _current_graph_task() -> int:
+def current_graph_task() -> int:
     """Autograd's id of the graph task (backward pass) running on this thread; -1 outside one."""
     return torch._C._current_graph_task_id()
 
 
-def _queue_end_of_backward(callback: Any) -> None:
+def queue_end_of_backward(callback: Any) -> None:
     """Run ``callback`` when the current graph task finishes (what DDP and FSDP use)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
@@ -307,8 +315,10 @@ class LayerwiseStepper:
         if located is None:
             return
         group, name = located
-        self._check_grad_is_global(optimizer, param, name)
         try:
+            # Inside the try: a refusal after another parameter's hook opened this backward must
+            # close it too, or the next backward would be counted as part of this one.
+            self._check_grad_is_global(optimizer, param, name)
             self._enter_backward(name)
             with torch.no_grad():
                 side = optimizer._validate_param(param, group, name)
@@ -326,7 +336,8 @@ class LayerwiseStepper:
                     self._accumulate(optimizer, param, group, side)
         except BaseException:
             # The backward stops here and its final callback never runs: close it, so the next
-            # backward counts as a new micro-batch (this one still counts as one).
+            # backward counts as a new micro-batch (this one still counts as one if a hook opened
+            # it before this error; a refusal in its first hook leaves the count untouched).
             self._root = None
             raise
 
@@ -381,7 +392,7 @@ class LayerwiseStepper:
         hook ran in its parent before it (reentrant checkpointing of the first layers to get
         gradients): the window would have been closed too early, so with accumulation this raises.
         """
-        task = _current_graph_task()
+        task = current_graph_task()
         if self._root is not None:
             self._last_task = max(self._last_task, task)
             return
@@ -400,7 +411,7 @@ class LayerwiseStepper:
             self.position += 1
             self._last_task = task
         self._root = task
-        _queue_end_of_backward(lambda: self._end_backward(task))
+        queue_end_of_backward(lambda: self._end_backward(task))
 
     def _end_backward(self, task: int) -> None:
         if self._root != task:

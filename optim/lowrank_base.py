@@ -415,8 +415,10 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         if self._refresh_due(state, group, step):
             if grad is None:
                 raise RuntimeError("projected_grad was given for a step that refreshes the basis")
-            # FSDP2: the basis comes from the whole gradient, gathered for the refresh only.
-            self._refresh(grad if shard is None else shard.full_grad(), group, state, side, step)
+            # FSDP2: the basis comes from the whole gradient, gathered for the refresh only, unless
+            # the refresh reads no more of it than its finiteness and shape (APOLLO's random one).
+            gather = shard is not None and self._refresh_reads_grad(group)
+            self._refresh(shard.full_grad() if gather else grad, group, state, side, step)
         last = int(state["last_refresh"].item())
         # "reset" restarts bias correction at each refresh; "keep"/"project" carry the moments on.
         moment_step = step - last + 1 if group["on_refresh"] == "reset" and last >= 0 else step
@@ -426,6 +428,17 @@ class LowRankOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             self._lowrank_step(weight, grad, state, group, side, moment_step)
         if copy_back:
             param.copy_(weight.view(param.shape))
+
+    def _refresh_reads_grad(self, group: dict[str, Any]) -> bool:
+        """Whether :meth:`_refresh` computes the new basis from the gradient's values (GaLore's SVD).
+
+        Then a row-sharded (FSDP2) parameter's refresh gets the whole m×n gradient, all-gathered.
+        A subclass whose refresh reads only whether the gradient is finite and its shape returns
+        False: it then gets this rank's rows (m_i×n) and must decide through
+        :func:`lowmem.optim.sharded.all_finite` and :func:`lowmem.optim.sharded.global_shape`, which
+        answer for the whole gradient on every rank (one all-reduce of a scalar, no gather).
+        """
+        return True
 
     @staticmethod
     def _refresh_due(state: dict[str, Any], group: dict[str, Any], step: int) -> bool:

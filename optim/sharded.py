@@ -44,7 +44,10 @@ limiter, APOLLO's ‖s ⊙ G‖ for it and, tensor-wise (APOLLO-Mini), ‖N‖, 
 over the ranks as squared norms (:meth:`ShardedParam.reduce_sum`, an all-reduce of one scalar
 each), so every rank computes the single-process factors. APOLLO's random projection Q (r×n)
 depends only on n and a seed drawn from the *global* shape and ordinal, so it is the same on
-every rank and regenerated locally; its refresh sees the gathered gradient (non-finite check).
+every rank and regenerated locally. Its refresh reads the gradient only to postpone itself when
+the gradient is not finite, so it gathers nothing: the ranks' local sums are all-reduced (one
+scalar, :func:`all_finite`) and every rank takes the single-process decision, even when only one
+rank's rows hold a NaN. (``proj="svd"`` computes its basis from the gathered gradient, as GaLore.)
 
 **GaLoreAdafactor** (low-rank groups, right side, and plain groups of 1-D and 2-D tensors):
 R_k = G_k Qᵀ (or G_k itself, plain) is the row block k of R, so Adafactor's row statistics r
@@ -75,15 +78,15 @@ against updating from a rank's local gradient accepts it (a DTensor gradient tha
 ``Shard(0)``, e.g. ``Partial``, is refused) and ``process_group`` is refused for it.
 
 Hooks may issue collectives (the basis all-gather, the gradient gather at a refresh, the scalar
-all-reduces of Fira, APOLLO, Adafactor and clipping, the basis all-gather of a low-rank
-accumulation). That is safe because every rank issues them in the same order: FSDP2 calls the
-hooks synchronously, on the thread running backward, from each layer's post-backward, which
-runs in autograd's order over the same graph on every rank (FSDP2's own reduce-scatters and
-all-gathers rely on that same order); inside a layer, in the layer's fixed parameter order;
-and a window's end-of-backward flush (parameters with no gradient in its last micro-batch) in
-the order their gradients first arrived. So every rank's sequence of collectives on the mesh's
-group is the same interleaving of FSDP2's and the optimizer's. It needs what FSDP2 needs: the
-same parameters get gradients on every rank in every backward.
+all-reduces of Fira, APOLLO (its random refresh's finiteness included), Adafactor and clipping,
+the basis all-gather of a low-rank accumulation). That is safe because every rank issues them in
+the same order: FSDP2 calls the hooks synchronously, on the thread running backward, from each
+layer's post-backward, which runs in autograd's order over the same graph on every rank (FSDP2's
+own reduce-scatters and all-gathers rely on that same order); inside a layer, in the layer's fixed
+parameter order; and a window's end-of-backward flush (parameters with no gradient in its last
+micro-batch) in the order their gradients first arrived. So every rank's sequence of collectives
+on the mesh's group is the same interleaving of FSDP2's and the optimizer's. It needs what FSDP2
+needs: the same parameters get gradients on every rank in every backward.
 
 Accumulation, two ways: ``accumulation_steps=k`` with a reduce-scatter per micro-batch (each
 backward runs the hooks; the sharded gradients accumulate in ``.grad``, GaLore's in low-rank
@@ -131,9 +134,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ShardedParam",
+    "all_finite",
     "check_reduced_grad",
     "distribute_state",
     "global_param",
+    "global_shape",
     "is_dtensor",
     "local_tensor",
     "localize_state",
@@ -276,6 +281,30 @@ def reduce_sum_of(optimizer: Any) -> Callable[[Tensor], Tensor] | None:
     """The all-reduce sum of the parameter being updated when it is row-sharded, else None."""
     shard = getattr(optimizer, "_active_shard", None)
     return None if shard is None else shard.reduce_sum
+
+
+def all_finite(optimizer: Any, grad: Tensor) -> bool:
+    """Whether ``grad`` holds no NaN or inf, via its sum (non-finite whenever an element is).
+
+    During the update of a row-sharded parameter ``grad`` is this rank's rows (m_i×n): the local
+    sums (fp32 or wider) are all-reduced, one scalar, and every rank gets the answer for the whole
+    gradient, so a NaN in one rank's rows makes every rank decide the same way, without the m×n
+    all-gather of :meth:`ShardedParam.full_grad`. Every rank must call it (a rank with no rows
+    contributes 0).
+    """
+    total = grad.sum(dtype=torch.promote_types(grad.dtype, torch.float32))
+    reduce_sum = reduce_sum_of(optimizer)
+    if reduce_sum is not None:
+        total = reduce_sum(total)
+    return bool(torch.isfinite(total))
+
+
+def global_shape(optimizer: Any, grad: Tensor) -> tuple[int, ...]:
+    """The shape of the whole gradient whose rows ``grad`` is, during a row-sharded update, else its own."""
+    shard = getattr(optimizer, "_active_shard", None)
+    if shard is None:
+        return tuple(grad.shape)
+    return (shard.param.shape[0], *grad.shape[1:])
 
 
 def global_param(optimizer: Any, param: Tensor) -> Tensor:

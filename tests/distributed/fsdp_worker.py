@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +214,34 @@ EXACT_CASES: dict[str, Case] = {
 }
 #: Optimizer keywords of layer-wise stepping: the single-process reference runs step() without them.
 LAYERWISE_KEYS = ("layerwise", "accumulation_steps")
+#: The shapes of the DTensors gathered whole (``DTensor.full_tensor``) inside :func:`_gathers_into`.
+_gathered: list[tuple[int, ...]] | None = None
+
+
+def _record_gathers() -> None:
+    """Wrap ``DTensor.full_tensor`` (once per process) to record what is gathered inside
+    :func:`_gathers_into`: the optimizer's work (backward with its hooks, step()), not the worker's
+    own gathers of the parameters for comparison."""
+    from torch.distributed.tensor import DTensor
+
+    full_tensor = DTensor.full_tensor
+
+    def recorded(self: DTensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if _gathered is not None:
+            _gathered.append(tuple(self.shape))
+        return full_tensor(self, *args, **kwargs)
+
+    DTensor.full_tensor = recorded  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _gathers_into(shapes: list[tuple[int, ...]]) -> Iterator[None]:
+    global _gathered
+    _gathered = shapes
+    try:
+        yield
+    finally:
+        _gathered = None
 
 
 class ConvTwo(nn.Module):
@@ -293,8 +323,18 @@ def _moved(model: nn.Module, before: list[torch.Tensor]) -> list[bool]:
     return [not torch.equal(param, old) for param, old in zip(params, before, strict=True)]
 
 
-def _window(name: str, model: nn.Module, opt: Any, offload: Any, step: int, rank: int, world: int) -> dict:
-    """One update of a layer-wise case; returns what was observed around it.
+def _window(
+    name: str,
+    model: nn.Module,
+    opt: Any,
+    offload: Any,
+    step: int,
+    rank: int,
+    world: int,
+    gathers: list[tuple[int, ...]],
+) -> dict:
+    """One update of a layer-wise case; returns what was observed around it (``gathers``: see
+    :func:`train_exact`).
 
     ``moved_early``: a parameter moved before the window's last backward (it must not);
     ``in_backward``: after the last backward and before step(), every parameter moved and no
@@ -309,11 +349,13 @@ def _window(name: str, model: nn.Module, opt: Any, offload: Any, step: int, rank
     for part in range(parts):
         if "no_sync" in flags:
             model.set_requires_gradient_sync(part == parts - 1)
-        _part_loss(name, model, offload, step, rank, world, part, parts).backward()
+        with _gathers_into(gathers):
+            _part_loss(name, model, offload, step, rank, world, part, parts).backward()
         if part < parts - 1 or short:
             moved_early |= any(_moved(model, before))
     if short:
-        opt._layerwise.close_window(opt)  # the loader ran out: apply what this window holds
+        with _gathers_into(gathers):
+            opt._layerwise.close_window(opt)  # the loader ran out: apply what this window holds
     moved = all(_moved(model, before))
     freed = all(p.grad is None for p in model.parameters())
     return {"moved_early": moved_early, "in_backward": moved and freed}
@@ -324,17 +366,21 @@ def train_exact(name: str, mesh: Any, rank: int, world_size: int) -> dict[str, A
 
     Returns the full parameters; per parameter, this rank's (codes, block scales) sizes of
     8-bit states, to check that blocks are per shard; for layer-wise cases, per update, what
-    :func:`_window` observed.
+    :func:`_window` observed; the shapes of the DTensors the optimizer gathered whole (in
+    backward, with its hooks, and in step()).
     """
     model, opt, offload, sched = _model_and_optimizer(name, mesh)
     layerwise = EXACT_CASES[name][4].get("layerwise", False)
-    windows = []
+    windows: list[dict] = []
+    gathers: list[tuple[int, ...]] = []
     for step in range(STEPS):
         if layerwise:
-            windows.append(_window(name, model, opt, offload, step, rank, world_size))
+            windows.append(_window(name, model, opt, offload, step, rank, world_size, gathers))
         else:
-            _part_loss(name, model, offload, step, rank, world_size).backward()
-        opt.step()
+            with _gathers_into(gathers):
+                _part_loss(name, model, offload, step, rank, world_size).backward()
+        with _gathers_into(gathers):
+            opt.step()
         if sched is not None:
             sched.step()
         opt.zero_grad()
@@ -344,7 +390,7 @@ def train_exact(name: str, mesh: Any, rank: int, world_size: int) -> dict[str, A
         if "exp_avg_absmax" in opt.state[param]
     }
     params = {key: param.full_tensor() for key, param in model.named_parameters()}
-    return {"params": params, "blocks": blocks, "windows": windows}
+    return {"params": params, "blocks": blocks, "windows": windows, "gathers": gathers}
 
 
 def train_exact_reference(name: str, world_size: int = 2) -> dict[str, torch.Tensor]:
@@ -437,15 +483,74 @@ def refusals(mesh: Any) -> dict[str, str]:
     return out
 
 
+def apollo_nan_refresh(mesh: Any = None, rank: int = 0) -> dict[str, Any]:
+    """APOLLO (random projection, ``update_proj_gap=2``) whose 3rd update, a refresh, gets a NaN in
+    one element of layer1's weight gradient: under FSDP2 (``mesh``) in rank 0's rows only, in one
+    process (no ``mesh``) in the same global row. Returns, per projected weight, ``last_refresh``
+    and ``proj_seed`` after that update, and the shapes the optimizer gathered whole in it.
+    Single-process semantics: the NaN weight postpones its refresh, layer2's refreshes."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TwoLayer(_linear(F64))
+    if mesh is not None:
+        for layer in (model.layer1, model.layer2):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = ApolloAdamW(_split(model, **RIGHT), **ADAM)
+    gathers: list[tuple[int, ...]] = []
+    for step in range(3):
+        x, y = batch(step, F64)
+        ((model(x) - y) ** 2).mean().backward()
+        if step == 2 and rank == 0:
+            grad = model.layer1.weight.grad
+            (grad.to_local() if mesh is not None else grad)[0, 0] = float("nan")
+        with _gathers_into(gathers) if mesh is not None else contextlib.nullcontext():
+            opt.step()
+        opt.zero_grad()
+    states = {key: opt.state[p] for key, p in model.named_parameters() if p.dim() == 2}
+    return {
+        "last_refresh": {key: int(state["last_refresh"]) for key, state in states.items()},
+        "proj_seed": {key: int(state["proj_seed"]) for key, state in states.items()},
+        "gathers": gathers,
+    }
+
+
+def refusal_closes_the_backward(mesh: Any) -> dict[str, Any]:
+    """The layer-wise guard refuses a plain parameter's local gradient *after* FSDP2 ran the hooks of
+    a sharded layer in the same backward (layer1 plain, hooked after layer2, ``fully_shard``-ed, in
+    backward order), ``accumulation_steps=2``: that backward must count as micro-batch 1 and leave no
+    backward open, or the next one would be counted as part of it. (What the next backward then
+    does is tested in one process, tests/optim/test_layerwise.py: FSDP2 itself does not recover from
+    an exception inside backward; its next backward leaves layer2 unsharded and reduces nothing.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TwoLayer(_linear(F64))
+    fully_shard(model.layer2, mesh=mesh)
+    opt = GaLoreAdamW(_all(model), **ADAM, layerwise=True, accumulation_steps=2)
+    x, y = batch(0, F64)
+    try:
+        ((model(x) - y) ** 2).mean().backward()
+        error = "no error"
+    except RuntimeError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    stepper = opt._layerwise
+    return {"error": error, "position": stepper.position, "open": stepper._root is not None}
+
+
 def main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from lowmem.bench import fsdp_example
 
+    _record_gathers()
     with gloo_group(rank, world_size, init_file):
         mesh = init_device_mesh("cpu", (world_size,))
         results: dict[str, Any] = {"exact": {n: train_exact(n, mesh, rank, world_size) for n in EXACT_CASES}}
         results["refusals"] = refusals(mesh)
+        results["refusal_closes_the_backward"] = refusal_closes_the_backward(mesh)
+        results["apollo_nan_refresh"] = apollo_nan_refresh(mesh, rank)
         results["grad_memory"] = {
             mode: grad_memory(mesh, mode == "layerwise") for mode in ("step", "layerwise")
         }

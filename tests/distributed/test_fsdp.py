@@ -14,8 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_worker import STEPS
-from fsdp_worker import EXACT_CASES, train_exact_reference
+from ddp_worker import HIDDEN, IN, STEPS
+from fsdp_worker import EXACT_CASES, apollo_nan_refresh, train_exact_reference
 from gloo_launch import launch
 
 from lowmem.bench.fsdp_example import Config
@@ -111,3 +111,40 @@ def test_fsdp_unsupported_combinations_raise_clearly(
     message = fsdp_results[0]["refusals"][case]
     assert message != "no error", case
     assert needle in message and "use" in message, message
+
+
+def test_fsdp_layerwise_refusal_mid_backward_leaves_no_open_backward(fsdp_results: list[dict]) -> None:
+    """A plain parameter's local gradient refused after FSDP2 ran a sharded layer's hooks in the same
+    backward: that backward counts as micro-batch 1 of 2 and is closed (not open for the next one)."""
+    for result in fsdp_results:
+        case = result["refusal_closes_the_backward"]
+        assert "local gradient" in case["error"], case["error"]
+        assert (case["position"], case["open"]) == (0, False), case
+
+
+#: APOLLO with random projections: a refresh reads the gradient only for its finiteness (one
+#: all-reduced scalar), so nothing is gathered whole. The others gather the m×n gradient at a refresh.
+GATHER_FREE = ("apollo", "apollo_mini", "layerwise_apollo")
+GATHERING = ("galore", "apollo_svd", "fira", "layerwise_galore_k2_sched")
+
+
+@pytest.mark.parametrize("name", GATHER_FREE + GATHERING)
+def test_fsdp_apollo_random_refresh_gathers_no_gradient(fsdp_results: list[dict], name: str) -> None:
+    for result in fsdp_results:
+        gathers = result["exact"][name]["gathers"]
+        if name in GATHER_FREE:
+            assert gathers == [], f"{name} gathered {gathers}"
+        else:  # the recording sees the m×n gradient gather of layer1's weight at a refresh
+            assert (HIDDEN, IN) in gathers, f"{name} gathered {gathers}"
+
+
+def test_fsdp_apollo_nan_in_one_ranks_rows_postpones_every_ranks_refresh(fsdp_results: list[dict]) -> None:
+    """A NaN in rank 0's rows of layer1's gradient at a refresh: both ranks postpone layer1's refresh
+    (the all-reduced finiteness), layer2 refreshes, exactly as one process decides; nothing gathered."""
+    expected = apollo_nan_refresh()
+    assert expected["last_refresh"] == {"layer1.weight": 1, "layer2.weight": 3}, expected
+    for result in fsdp_results:
+        sharded = result["apollo_nan_refresh"]
+        assert sharded["last_refresh"] == expected["last_refresh"]
+        assert sharded["proj_seed"] == expected["proj_seed"]
+        assert sharded["gathers"] == []

@@ -850,3 +850,39 @@ def test_layerwise_hook_accepts_fsdp_shards_only(tmp_path: Path) -> None:
             backward(Shard(0), process_group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_refused_gradient_closes_the_backward_it_interrupts(tmp_path: Path) -> None:
+    """A guard refusal in a hook that runs after another parameter's hook opened the backward
+    (here a ``Partial`` DTensor gradient, refused by the same guard as a plain parameter's local
+    gradient in a multi-rank group) leaves no open backward behind: without ``zero_grad()``, the
+    next backward is the window's 2nd micro-batch and updates. A one-rank gloo group in this
+    process, destroyed afterwards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(0)
+        weight, grad = (torch.randn(6, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+        sharded, refused = (
+            torch.nn.Parameter(DTensor.from_local(weight.clone(), mesh, [Shard(0)])) for _ in "ab"
+        )
+        opt = GaLoreAdamW([sharded, refused], lr=0.1, layerwise=True, accumulation_steps=2)
+        stepper = opt._layerwise
+        # `refused` is used first in forward, so `sharded`'s hook runs first and opens the backward.
+        hidden = refused.to_local(grad_placements=[Partial()]) * grad
+        loss = (sharded.to_local(grad_placements=[Shard(0)]) * hidden.tanh()).sum()
+        with pytest.raises(NotImplementedError, match=r"not FSDP2's reduced row shard"):
+            loss.backward()
+        assert stepper.position == 0 and sharded.grad is not None  # micro-batch 1 of 2: accumulated
+        assert stepper._root is None, "the interrupted backward was left open"
+        refused.requires_grad_(False)
+        before = sharded.to_local().clone()
+        (sharded.to_local(grad_placements=[Shard(0)]) * grad).sum().backward()
+        assert not torch.equal(sharded.to_local(), before), "the 2nd micro-batch did not update"
+        assert stepper.position == -1 and sharded.grad is None
+    finally:
+        dist.destroy_process_group()
