@@ -24,6 +24,15 @@ this machine: it is memory-bound, so a hand-written kernel has nothing left to w
 Optimizers run in interleaved rounds (one timed step of each per round), so drifts of a shared
 machine hit all alike; rows give the median and minimum, and the ratio of medians to
 ``torch-fused``.
+
+A second table times whole training steps (forward, backward, ``step()``, ``zero_grad()``) of an
+MLP stack (``--mlp-width`` × ``--mlp-depth`` linear layers with GELU) with and without
+``update_in_backward=True``, which runs each parameter's host update on a worker thread during the
+rest of backward: ``offload-fp32 train`` / ``offload-fp32 overlap train`` and the same for 8-bit
+states, with the ratio of each overlapped row to its non-overlapped twin, and a check that both
+reach bitwise-equal weights. On a CPU-only machine the "device" and the host share the same cores,
+so the overlap can only win where backward leaves cores idle; on a GPU the backward runs on the
+device and the whole host update can hide behind it.
 """
 
 from __future__ import annotations
@@ -50,7 +59,24 @@ ROWS = (
 )
 #: Issue 5's targets for the host update, as ratios to torch-fused.
 TARGETS = {"offload-fp32 host": 1.1, "offload-8bit host": 1.5}
-QUICK = {"vocab": 300, "hidden": 16, "intermediate": 40, "layers": 1, "warmup": 1, "repeats": 2}
+QUICK = {
+    "vocab": 300,
+    "hidden": 16,
+    "intermediate": 40,
+    "layers": 1,
+    "warmup": 1,
+    "repeats": 2,
+    "mlp_width": 24,
+    "mlp_depth": 2,
+    "mlp_batch": 4,
+}
+#: Whole training steps of an MLP stack, without and with ``update_in_backward=True``.
+TRAIN_ROWS = (
+    "offload-fp32 train",
+    "offload-fp32 overlap train",
+    "offload-8bit train",
+    "offload-8bit overlap train",
+)
 
 
 def _torch_kwargs() -> dict[str, Any]:
@@ -188,6 +214,84 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _mlp(width: int, depth: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers)
+
+
+def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time forward + backward + ``step()`` + ``zero_grad()`` of every train row, interleaved rounds."""
+    from lowmem.memory import CPUOffloadOptimizer
+    from lowmem.optim import AdamW8bit
+
+    gen = torch.Generator().manual_seed(1)
+    rounds = args.warmup + args.repeats
+    shape = (args.mlp_batch, args.mlp_width)
+    batches = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(rounds)]
+    models: dict[str, torch.nn.Module] = {}
+    opts: dict[str, CPUOffloadOptimizer] = {}
+    for name in TRAIN_ROWS:
+        models[name] = _mlp(args.mlp_width, args.mlp_depth)
+        cls = torch.optim.AdamW if name.startswith("offload-fp32") else AdamW8bit
+        opts[name] = CPUOffloadOptimizer(
+            models[name].parameters(), cls, update_in_backward="overlap" in name, **_torch_kwargs()
+        )
+
+    times: dict[str, list[float]] = {name: [] for name in TRAIN_ROWS}
+    for rnd, (x, y) in enumerate(batches):
+        for name in TRAIN_ROWS:
+            model, opt = models[name], opts[name]
+
+            def train_step(
+                model: torch.nn.Module = model,
+                opt: CPUOffloadOptimizer = opt,
+                x: torch.Tensor = x,
+                y: torch.Tensor = y,
+            ) -> None:
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+
+            elapsed = _timed(train_step)
+            if rnd >= args.warmup:
+                times[name].append(elapsed)
+
+    rows = []
+    for name in TRAIN_ROWS:
+        twin = name.replace(" overlap", "")
+        median = statistics.median(times[name])
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(models[name].parameters(), models[twin].parameters(), strict=True)
+        )
+        rows.append(
+            {
+                "row": name,
+                "median_ms": 1e3 * median,
+                "min_ms": 1e3 * min(times[name]),
+                "repeats": len(times[name]),
+                "ratio_to_no_overlap": median / statistics.median(times[twin]),
+                "weights_equal_no_overlap": same,
+            }
+        )
+    return rows
+
+
+def format_train_table(rows: list[dict[str, Any]]) -> str:
+    """The train rows as a fixed-width table."""
+    header = f"{'row':<27} {'median ms':>10} {'min ms':>9} {'n':>3} {'/ no overlap':>13}"
+    lines = [f"{header} {'same weights':>13}"]
+    for r in rows:
+        lines.append(
+            f"{r['row']:<27} {r['median_ms']:>10.1f} {r['min_ms']:>9.1f} {r['repeats']:>3} "
+            f"{r['ratio_to_no_overlap']:>12.2f}x {r['weights_equal_no_overlap']!s:>13}"
+        )
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The rows as a fixed-width table."""
     header = f"{'row':<19} {'median ms':>10} {'min ms':>9} {'n':>3} {'/ torch-fused':>14} {'target':>8}"
@@ -221,26 +325,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=2, help="torch.set_num_threads (the target's setting: 2)"
     )
+    parser.add_argument("--mlp-width", type=int, default=1024, help="train table: width of the MLP stack")
+    parser.add_argument("--mlp-depth", type=int, default=8, help="train table: linear layers in the stack")
+    parser.add_argument("--mlp-batch", type=int, default=64, help="train table: rows per batch")
+    parser.add_argument(
+        "--tables", default="host,train", help="comma list of: host (the host step), train (overlap)"
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny model and 2 rounds (for tests)")
     parser.add_argument("--json", default=None, help="write results to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    tables = [name for name in args.tables.split(",") if name]
+    if not tables or set(tables) - {"host", "train"}:
+        raise SystemExit(f"--tables: {args.tables!r}; choose from host, train")
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"threads": args.threads, "rows": [], "train_rows": []}
     try:
-        shapes = llama_shapes(args.vocab, args.hidden, args.intermediate, args.layers)
-        numel = sum(torch.Size(s).numel() for s in shapes)
-        print(
-            f"CPUOffloadOptimizer host step: {numel / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors "
-            f"(LLaMA-style, hidden {args.hidden}, {args.layers} layers), {torch.get_num_threads()} threads",
-            flush=True,
-        )
-        results = run(args)
+        if "host" in tables:
+            shapes = llama_shapes(args.vocab, args.hidden, args.intermediate, args.layers)
+            numel = sum(torch.Size(s).numel() for s in shapes)
+            print(
+                f"CPUOffloadOptimizer host step: {numel / 1e6:.1f}M fp32 parameters in {len(shapes)} "
+                f"tensors (LLaMA-style, hidden {args.hidden}, {args.layers} layers), "
+                f"{torch.get_num_threads()} threads",
+                flush=True,
+            )
+            results.update(run(args))
+            print(format_table(results))
+        if "train" in tables:
+            mlp_params = args.mlp_depth * (args.mlp_width + 1) * args.mlp_width
+            print(
+                f"CPUOffloadOptimizer train step (forward, backward, step, zero_grad) of an MLP stack: "
+                f"{args.mlp_depth} x Linear({args.mlp_width}, {args.mlp_width}), {mlp_params / 1e6:.1f}M "
+                f"parameters, batch {args.mlp_batch}, {torch.get_num_threads()} threads",
+                flush=True,
+            )
+            results["train_rows"] = run_train(args)
+            print(format_train_table(results["train_rows"]))
     finally:
         torch.set_num_threads(previous)
-    print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import io
+import threading
 
 import pytest
 import torch
@@ -267,3 +268,218 @@ def test_bad_arguments_raise_clear_errors() -> None:
         import copy
 
         copy.deepcopy(opt)
+
+
+# ----------------------------------------------------------------- update_in_backward=True
+OVERLAP_CASES = {
+    **CASES,
+    "torch-adamw-foreach": (torch.optim.AdamW, {"lr": 1e-2, "foreach": True}, None),
+    "torch-adamw-for-loop": (torch.optim.AdamW, {"lr": 1e-2, "foreach": False}, None),
+    # The clipping that still works: per parameter, on the host, just before each update.
+    "adamw8bit-clip-per-param": (AdamW8bit, {"lr": 1e-2, "max_grad_norm_per_param": 0.01}, None),
+}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts hold the same keys and bitwise-equal tensors (and equal other values)."""
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same_state(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same_state(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES)
+def test_update_in_backward_equals_step_bitwise(case: str) -> None:
+    """Updates queued from the hooks give the weights and the state dict of updates in step()."""
+    cls, kwargs, rank = OVERLAP_CASES[case]
+    batches = _batches(4)
+    ref = _model()
+    ref_opt = _run(lambda m: CPUOffloadOptimizer(_groups(m, rank), cls, **kwargs), ref, batches)
+    ours = _model()
+    opt = CPUOffloadOptimizer(_groups(ours, rank), cls, update_in_backward=True, **kwargs)
+    for batch in batches:
+        _loss(ours, batch).backward()
+        assert all(p.grad is None for p in ours.parameters())  # freed on the device once on the host
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # Same format as without overlap, through a weights_only round trip.
+    _assert_same_state(_save_load(opt.state_dict()), _save_load(ref_opt.state_dict()))
+
+
+@pytest.mark.parametrize("case", ["torch-adamw", "adamw8bit"])
+def test_update_in_backward_bf16_params_and_resume(case: str) -> None:
+    cls, kwargs, rank = CASES[case]
+    batches = _batches(6)
+
+    def make(model, overlap):
+        return CPUOffloadOptimizer(_groups(model, rank), cls, update_in_backward=overlap, **kwargs)
+
+    straight = _model(torch.bfloat16)
+    _run(lambda m: make(m, False), straight, batches)
+    first = _model(torch.bfloat16)
+    opt = _run(lambda m: make(m, True), first, batches[:3])
+    model_state, opt_state = _save_load(first.state_dict()), _save_load(opt.state_dict())
+    resumed = _model(torch.bfloat16, seed=123)
+    resumed.load_state_dict(model_state)
+    opt2 = make(resumed, True)
+    opt2.load_state_dict(opt_state)
+    for batch in batches[3:]:
+        _loss(resumed, batch).backward()
+        opt2.step()
+        opt2.zero_grad()
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_update_in_backward_reads_the_lr_when_the_gradient_arrives() -> None:
+    """Scheduler after step() (the usual order): as without overlap. Between backward and step(): one late."""
+    batches = _batches(4)
+
+    def train(overlap: bool, sched_before_step: bool) -> nn.Module:
+        model = _model()
+        opt = CPUOffloadOptimizer(model.parameters(), lr=1e-2, update_in_backward=overlap)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for batch in batches:
+            _loss(model, batch).backward()
+            if sched_before_step:
+                sched.step()  # torch warns about this order (filtered above)
+            opt.step()
+            opt.zero_grad()
+            if not sched_before_step:
+                sched.step()
+        return model
+
+    ref, ours = train(False, False), train(True, False)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # The update ran in backward, before sched.step(): it used the lr of the usual order.
+    late = train(True, True)
+    for a, b in zip(late.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # Without overlap that order reaches step() with the new lr: the documented difference.
+    assert not torch.equal(next(train(False, True).parameters()), next(ref.parameters()))
+
+
+def test_update_in_backward_accumulation_steps() -> None:
+    """k backward passes per update, as k backward() then step(); a param idle in the last pass is flushed."""
+    batches = _batches(4)
+
+    def train(overlap: bool) -> tuple[nn.Module, nn.Parameter]:
+        model = _model()
+        extra = nn.Parameter(torch.ones(4))  # gets a gradient in the first micro-batch of each window only
+        params = [*model.parameters(), extra]
+        kwargs = {"update_in_backward": True, "accumulation_steps": 2} if overlap else {}
+        opt = CPUOffloadOptimizer(params, lr=1e-2, **kwargs)
+        for i, batch in enumerate(batches):
+            loss = _loss(model, batch)
+            if i % 2 == 0:
+                loss = loss + (extra * batch[1][0]).sum()
+            loss.backward()
+            if overlap:  # first micro-batch: gradients stay on the device; last: consumed by the hooks
+                assert all((p.grad is not None) == (i % 2 == 0) for p in params)
+            if i % 2 == 1:
+                opt.step()
+                opt.zero_grad()
+        return model, extra
+
+    (ref, ref_extra), (ours, extra) = train(False), train(True)
+    assert not torch.equal(extra, torch.ones(4))
+    for a, b in zip([*ours.parameters(), extra], [*ref.parameters(), ref_extra], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_update_in_backward_overlaps_with_the_rest_of_backward() -> None:
+    """The last layer's host update starts on the worker while backward is still before the first layer."""
+    update_started = threading.Event()
+    threads: list[str] = []
+
+    class SignallingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            threads.append(threading.current_thread().name)
+            update_started.set()
+            return super().step(closure)
+
+    seen_during_backward: list[bool] = []
+
+    class WaitForUpdate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            # Runs after the second layer's gradients reached their hooks, before the first layer's.
+            seen_during_backward.append(update_started.wait(timeout=10.0))
+            return grad
+
+    first, second = nn.Linear(6, 5), nn.Linear(5, 3)
+    opt = CPUOffloadOptimizer(
+        [*first.parameters(), *second.parameters()], SignallingSGD, lr=0.1, update_in_backward=True
+    )
+    second(WaitForUpdate.apply(first(torch.randn(2, 6)))).sum().backward()
+    opt.step()
+    assert seen_during_backward == [True]
+    assert len(threads) == 4 and all(name.startswith("lowmem-offload") for name in threads)
+
+
+def test_update_in_backward_error_on_the_worker_raises_at_step() -> None:
+    class FailsOnBias(torch.optim.SGD):
+        def step(self, closure=None):
+            if any(p.dim() == 1 and p.numel() == 4 for g in self.param_groups for p in g["params"]):
+                raise ValueError("boom")
+            return super().step(closure)
+
+    model = _model()
+    opt = CPUOffloadOptimizer(model.parameters(), FailsOnBias, lr=0.1, update_in_backward=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    _loss(model, _batches(1)[0]).backward()  # the error happens on the worker: backward completes
+    with pytest.raises(RuntimeError, match=r"host update of params\[5\] of param group 0 failed: boom"):
+        opt.step()
+    after = list(model.parameters())
+    # The other parameters were updated and copied back; the failing one kept its weights.
+    assert all(not torch.equal(a, b) for a, b in zip(after[:5], before[:5], strict=True))
+    assert torch.equal(after[5], before[5])
+    opt.step()  # the error was reported once; nothing is queued now
+
+
+def test_update_in_backward_closure_and_unconsumed_gradient_warning() -> None:
+    model = _model()
+    opt = CPUOffloadOptimizer(model.parameters(), lr=1e-2, update_in_backward=True)
+    batch = _batches(1)[0]
+
+    def closure():
+        loss = _loss(model, batch)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    assert isinstance(opt.step(closure), torch.Tensor)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    last = list(model.parameters())[-1]
+    last.grad = torch.ones_like(last)  # set by hand after backward: no hook consumes it
+    kept = last.detach().clone()
+    with pytest.warns(UserWarning, match=r"params\[5\] of param group 0 still hold a gradient"):
+        opt.step()
+    assert torch.equal(last, kept)
+
+
+def test_update_in_backward_bad_arguments() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="Invalid update_in_backward"):
+        CPUOffloadOptimizer(model.parameters(), update_in_backward="yes")
+    with pytest.raises(ValueError, match="Invalid accumulation_steps: 2; it needs update_in_backward=True"):
+        CPUOffloadOptimizer(model.parameters(), accumulation_steps=2)
+    with pytest.raises(ValueError, match="Invalid accumulation_steps: 0"):
+        CPUOffloadOptimizer(model.parameters(), update_in_backward=True, accumulation_steps=0)
