@@ -54,7 +54,10 @@ Updating during backward (``update_in_backward=True``)
     - gradient accumulation is declared: ``accumulation_steps=k`` counts backward passes (autograd
       graph tasks, as layer-wise stepping does); the first k-1 accumulate in ``.grad`` on the
       device as usual, the k-th copies and updates; a parameter with gradients earlier in the
-      window but none in its last backward is updated when that backward ends;
+      window but none in its last backward is updated when that backward ends; a short last
+      window (an epoch whose micro-batch count is not a multiple of k) is applied by
+      ``close_window()`` before ``step()``, equal to ``step()`` after those backward passes without
+      overlap (the summed gradient, not rescaled, as layer-wise ``close_window``);
     - every ``backward()`` that reaches the parameters trains the host masters; ``step()`` waits for
       the worker, raises the first error an update raised (naming the parameter; the others were
       updated) and copies the new weights to the device, so call it before the next forward;
@@ -100,6 +103,8 @@ class _Slot:
     """The host-side buffers of one device parameter."""
 
     master: Tensor  # fp32 (master_dtype) copy on the host; the inner optimizer's parameter
+    device: torch.device  # the param's device and dtype when the optimizer was built: its buffers'
+    dtype: torch.dtype  # pinning and dtypes follow them, so a later model.to(...) is refused
     grad: Tensor | None = None  # host buffer in the param's dtype (pinned on CUDA)
     grad32: Tensor | None = None  # master-dtype gradient, when the param's dtype differs
     staging: Tensor | None = None  # pinned master cast to the param's dtype, for the copy back (CUDA)
@@ -149,7 +154,12 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     master, and ``load_state_dict`` re-reads them from the device).
 
     Not supported: sparse gradients, ``layerwise=True`` inner optimizers, multi-process runs with
-    ``update_in_backward=True`` (the hooks would update from each rank's local gradient). Without
+    ``update_in_backward=True`` (the hooks would update from each rank's local gradient), moving
+    or casting the model after building the optimizer (``model.to(...)`` keeps the ``Parameter``
+    objects but not the device and dtype the host buffers were set up for): the hooks then leave
+    the moved params alone and the next ``step()`` (or ``close_window``, ``load_state_dict``,
+    ``load_master_from_params``) raises, naming the parameter; build the optimizer after moving
+    the model (``state_dict()`` still works, to carry the state over). Without
     ``update_in_backward`` the device keeps the gradients until ``zero_grad``; with it, each is
     freed as soon as it is on the host.
     """
@@ -241,7 +251,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             master = torch.empty(param.shape, dtype=self.master_dtype, pin_memory=self._pinned(param))
             master.copy_(param.detach())
-        slot = _Slot(master=master)
+        slot = _Slot(master=master, device=param.device, dtype=param.dtype)
         if param.requires_grad:
             slot.handle = param.register_post_accumulate_grad_hook(_GradCopyHook(self))
         self._slots[id(param)] = slot
@@ -267,6 +277,44 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 if master in self.inner.state:
                     state[param] = self.inner.state[master]
         self.state = state
+
+    def _moved(self, param: Tensor) -> bool:
+        """Whether ``param`` was moved or cast since the optimizer was built (``model.to(...)`` afterwards).
+
+        Its host buffers were set up for the old device and dtype (pinned only for CUDA; the
+        gradient buffer in the old dtype would round a wider gradient), and ``model.to`` keeps the
+        same ``Parameter`` object, so nothing else would notice.
+        """
+        slot = self._slots[id(param)]
+        return not (
+            param.device == slot.device and param.dtype == slot.dtype and param.shape == slot.master.shape
+        )
+
+    def _check_in_place(self, param: Tensor) -> None:
+        """Raise, naming the param and the fix, if it was moved or cast since the optimizer was built."""
+        if not self._moved(param):
+            return
+        slot = self._slots[id(param)]
+        changes = [
+            f"{what} {old} -> {new}"
+            for what, old, new in (
+                ("device", slot.device, param.device),
+                ("dtype", slot.dtype, param.dtype),
+                ("shape", tuple(slot.master.shape), tuple(param.shape)),
+            )
+            if old != new
+        ]
+        raise RuntimeError(
+            f"CPUOffloadOptimizer: {self._name(*self._locations[id(param)])} changed after the optimizer "
+            f"was built ({', '.join(changes)}; model.to(...) after CPUOffloadOptimizer(...)?), but its host "
+            "master and buffers were set up for the old one; build the optimizer after moving or casting "
+            "the model (state_dict() still works: load it into the new optimizer to keep the state)"
+        )
+
+    def _check_all_in_place(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                self._check_in_place(param)
 
     # ----------------------------------------------------------------- gradients to the host
     def _copy_grad(self, param: Tensor, non_blocking: bool) -> Any:
@@ -417,13 +465,19 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             return
         updates.root = None
         if updates.position == updates.accumulation_steps - 1:
-            with torch.no_grad():
-                for param in list(updates.pending.values()):
-                    if param.grad is None:  # dropped by hand since: nothing to apply, as step() skips it
-                        updates.pending.pop(id(param))
-                    else:
-                        self._queue_update(param)
+            self._flush_pending()
             updates.position = -1
+
+    @torch.no_grad()
+    def _flush_pending(self) -> None:
+        """Queue the update of every param that accumulated a gradient in the open window."""
+        updates = self._in_backward
+        assert updates is not None
+        for param in list(updates.pending.values()):
+            if param.grad is None:  # dropped by hand since: nothing to apply, as step() skips it
+                updates.pending.pop(id(param))
+            else:
+                self._queue_update(param)
 
     def _queue_update(self, param: Tensor) -> None:
         """Copy the gradient to the host, free it on the device, queue the host update of its master."""
@@ -546,6 +600,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         Args:
             closure: reevaluates the model and returns the loss (run with grad enabled).
         """
+        self._check_all_in_place()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -562,6 +617,37 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             slot.master.grad = None
         self._link_state()
         return loss
+
+    def close_window(self) -> None:
+        """End the open accumulation window early: queue the updates of what it accumulated now.
+
+        For a loop whose last window has fewer micro-batches than ``accumulation_steps`` (an epoch
+        whose length is not a multiple of it; the HF Trainer's last update of an epoch): call
+        ``close_window()`` then ``step()`` after the window's last ``backward()``. Every param with
+        a gradient accumulated in the window is updated from it, on the worker, with the param
+        group's hyperparameters as they are now; ``step()`` waits and copies the weights back. The
+        next ``backward()`` opens a new window of ``accumulation_steps``.
+
+        What is applied is the SUM of the window's micro-batch gradients (what autograd
+        accumulated in ``.grad``), with no rescaling, as ``close_window`` of lowmem's
+        ``layerwise=True`` does: ``close_window(); step()`` after j < k backward passes gives the
+        weights and state of ``update_in_backward=False`` with ``step()`` after the same j passes,
+        bit for bit (same contract as the module docstring's). If each loss was divided by k, the
+        short window's update sees j/k of the mean gradient; divide its losses by j instead (the
+        HF Trainer does).
+
+        No-op when no window is open (right after an update, or with ``update_in_backward=False``,
+        where ``step()`` applies every gradient anyway). Not to be called inside a backward.
+        """
+        self._check_all_in_place()
+        updates = self._in_backward
+        if updates is None:
+            return
+        updates.root = None  # never inside a backward: one that raised is over
+        if updates.position == -1:
+            return
+        self._flush_pending()
+        updates.position = -1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the device gradients; the host buffers are reused by the next backward.
@@ -583,6 +669,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def load_master_from_params(self) -> None:
         """Re-read every master from its device param (after the model's weights were changed by hand)."""
+        self._check_all_in_place()
         self._drain()
         self._wait_for_copies_back()
         for group in self.param_groups:
@@ -599,8 +686,8 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         """The inner optimizer's state dict plus the masters that the device params cannot restore.
 
         ``"master_params"``: {index in param-group order: fp32 master} for each param whose dtype is
-        not ``master_dtype`` (bf16 weights lose the master's low bits); tensors only, so
-        ``torch.load(weights_only=True)`` reads it.
+        not ``master_dtype``, now or when the optimizer was built (bf16 weights lose the master's
+        low bits); tensors only, so ``torch.load(weights_only=True)`` reads it.
         """
         self._drain()
         updates = self._in_backward
@@ -615,11 +702,13 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         self._copy_hyper(self.param_groups, self.inner.param_groups)
         state = self.inner.state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
-        state["master_params"] = {
-            index: self._slots[id(param)].master.clone()
-            for index, param in enumerate(params)
-            if param.dtype != self.master_dtype
-        }
+        # Also by the dtype at construction: the state of a model cast since (refused elsewhere)
+        # can still be saved, with every master its params cannot restore, for a new optimizer.
+        state["master_params"] = {}
+        for index, param in enumerate(params):
+            slot = self._slots[id(param)]
+            if param.dtype != self.master_dtype or slot.dtype != self.master_dtype:
+                state["master_params"][index] = slot.master.clone()
         return state
 
     @torch.no_grad()
@@ -633,6 +722,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict must be a dict from CPUOffloadOptimizer.state_dict()")
         state_dict = dict(state_dict)
         masters = state_dict.pop("master_params", {})
+        self._check_all_in_place()
         self._drain()
         if self._in_backward is not None:
             self._in_backward.reset()
@@ -679,6 +769,10 @@ class _GradCopyHook:
     def __call__(self, param: Tensor) -> None:
         optimizer = self._optimizer()
         if optimizer is None or id(param) not in optimizer._slots:
+            return
+        if optimizer._moved(param):
+            # step() raises. Not here: this may be an optimizer the user already replaced after
+            # model.to(...) but that is not collected yet; it must leave the new one's params alone.
             return
         if optimizer._in_backward is None:
             optimizer._copy_grad(param, non_blocking=True)

@@ -211,6 +211,29 @@ EXACT_CASES: dict[str, Case] = {
         {"beta1": 0.9, "clip_threshold": 0.5, "layerwise": True, "max_grad_norm_per_param": CLIP},
         {"head1"},
     ),
+    # Layer-wise GaLoreAdafactor on projected weights: the hooks run the sharded low-rank update
+    # (column means of R and mean(r) all-reduced, RMS(U) for clipping, mean(r) when a refresh
+    # carries the factors) from the accumulated full gradient (Adafactor does not accumulate in
+    # low-rank form); the scheduler halves the external lr every update.
+    "layerwise_adafactor_k2_sched": (
+        _linear(F64),
+        F64,
+        GaLoreAdafactor,
+        lambda m: _split(m, **RIGHT),
+        {**ADAFACTOR_LR, "beta1": 0.9, "layerwise": True, "accumulation_steps": 2},
+        {"sched"},
+    ),
+    # Plain layer-wise GaLoreAdafactor with its own step size: relative_step and scale_parameter
+    # (RMS(W) all-reduced inside the hooks) and clip_threshold=0.5 (RMS(U) all-reduced; every
+    # update clips: RMS(U) ≈ 1 at the first steps).
+    "layerwise_adafactor_relative_clip": (
+        _linear(F64),
+        F64,
+        GaLoreAdafactor,
+        _all,
+        {"clip_threshold": 0.5, "weight_decay": 0.1, "layerwise": True},
+        set(),
+    ),
 }
 #: Optimizer keywords of layer-wise stepping: the single-process reference runs step() without them.
 LAYERWISE_KEYS = ("layerwise", "accumulation_steps")
@@ -364,7 +387,8 @@ def _window(
 def train_exact(name: str, mesh: Any, rank: int, world_size: int) -> dict[str, Any]:
     """:data:`STEPS` FSDP2 updates of case ``name`` on this rank's half of each global batch.
 
-    Returns the full parameters; per parameter, this rank's (codes, block scales) sizes of
+    Returns the full parameters; the state every rank must hold identically; per parameter,
+    this rank's (codes, block scales) sizes of
     8-bit states, to check that blocks are per shard; for layer-wise cases, per update, what
     :func:`_window` observed; the shapes of the DTensors the optimizer gathered whole (in
     backward, with its hooks, and in step()).
@@ -389,8 +413,22 @@ def train_exact(name: str, mesh: Any, rank: int, world_size: int) -> dict[str, A
         for key, param in model.named_parameters()
         if "exp_avg_absmax" in opt.state[param]
     }
+    # State every rank must hold identically (a gathered parameter cannot show a disagreement:
+    # each rank contributes only its own rows): Adafactor's column statistics of matrices, which
+    # span every rank's rows and are all-reduced.
+    replicated = {
+        key: opt.state[param]["exp_avg_sq_col"].clone()
+        for key, param in model.named_parameters()
+        if param.dim() == 2 and "exp_avg_sq_col" in opt.state[param]
+    }
     params = {key: param.full_tensor() for key, param in model.named_parameters()}
-    return {"params": params, "blocks": blocks, "windows": windows, "gathers": gathers}
+    return {
+        "params": params,
+        "blocks": blocks,
+        "windows": windows,
+        "gathers": gathers,
+        "replicated": replicated,
+    }
 
 
 def train_exact_reference(name: str, world_size: int = 2) -> dict[str, torch.Tensor]:

@@ -483,3 +483,118 @@ def test_update_in_backward_bad_arguments() -> None:
         CPUOffloadOptimizer(model.parameters(), accumulation_steps=2)
     with pytest.raises(ValueError, match="Invalid accumulation_steps: 0"):
         CPUOffloadOptimizer(model.parameters(), update_in_backward=True, accumulation_steps=0)
+
+
+@pytest.mark.parametrize("case", ["torch-adamw", "adamw8bit"])
+def test_close_window_applies_a_short_window_as_step_does(case: str) -> None:
+    """Windows of 3, 2 and 3 micro-batches with k=3: ``close_window(); step()`` after the short one
+    equals ``update_in_backward=False``'s ``step()`` after the same 2 backward passes (the summed
+    gradient, not rescaled), bit for bit, and the next backward opens a full window again."""
+    cls, kwargs, _ = CASES[case]
+    batches = _batches(8)
+    windows = [batches[:3], batches[3:5], batches[5:]]
+
+    def train(overlap: bool) -> tuple[list[nn.Parameter], CPUOffloadOptimizer]:
+        model = _model()
+        extra = nn.Parameter(torch.ones(4))  # a gradient in each window's first micro-batch only
+        params = [*model.parameters(), extra]
+        window_kwargs = {"update_in_backward": True, "accumulation_steps": 3} if overlap else {}
+        opt = CPUOffloadOptimizer(params, cls, **kwargs, **window_kwargs)
+        for window in windows:
+            for i, batch in enumerate(window):
+                loss = _loss(model, batch)
+                if i == 0:
+                    loss = loss + (extra * batch[1][0]).sum()
+                loss.backward()
+            if overlap and len(window) < 3:
+                # The window is open: the gradients wait on the device, nothing was applied.
+                assert all(p.grad is not None for p in params)
+                opt.close_window()
+                assert all(p.grad is None for p in params)  # consumed (copied to the host, freed)
+                opt.close_window()  # nothing open now: no-op
+            opt.step()
+            opt.zero_grad()
+        return params, opt
+
+    (ref, ref_opt), (ours, opt) = train(False), train(True)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)
+    _assert_same_state(_save_load(opt.state_dict()), _save_load(ref_opt.state_dict()))
+
+
+def test_close_window_without_update_in_backward_changes_nothing() -> None:
+    model = _model()
+    opt = CPUOffloadOptimizer(model.parameters(), lr=1e-2)
+    _loss(model, _batches(1)[0]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.close_window()  # step() applies every gradient: there is no window to close
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_parameters_moved_after_construction_are_refused(overlap: bool) -> None:
+    """``model.to(...)`` after building the optimizer keeps the Parameter objects but not the device
+    and dtype their host buffers were set up for: the hooks leave them alone, and step() (and
+    close_window()) raise, naming the param and the fix."""
+    batch = _batches(1)[0]
+    model = _model()
+    opt = CPUOffloadOptimizer(model.parameters(), lr=1e-2, update_in_backward=overlap)
+    masters = [m.clone() for m in opt.master_params()]
+    model.to(torch.float64)  # same Parameters, hooks still on them
+    _loss(model, batch).backward()
+    # Nothing copied into the float32 buffers, nothing queued: the gradients stay, the masters too.
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(opt.master_params(), masters, strict=True))
+    moved = (
+        r"params\[0\] of param group 0 changed after the optimizer was built \(dtype torch\.float32 -> "
+        r"torch\.float64; model\.to\(\.\.\.\) after CPUOffloadOptimizer"
+    )
+    with pytest.raises(RuntimeError, match=moved):
+        opt.close_window()
+    with pytest.raises(RuntimeError, match=moved):
+        opt.step()
+
+    # A device move, caught at step(). On a CPU-only machine: to "meta", through swap_tensors (the
+    # only way that keeps the Parameter objects there; it drops their hooks, so only step() sees it).
+    model = _model()
+    opt = CPUOffloadOptimizer(model.parameters(), lr=1e-2, update_in_backward=overlap)
+    _loss(model, batch).backward()
+    opt.zero_grad()  # swap_tensors refuses a gradient the optimizer holds a weak reference to
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    with pytest.raises(
+        RuntimeError,
+        match=r"params\[0\] of param group 0 changed .*\(device cpu -> meta; "
+        r".*build the optimizer after moving or casting the model",
+    ):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("built", "cast"),
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+    ids=["bf16-to-fp32", "fp32-to-bf16"],
+)
+def test_state_of_a_cast_model_loads_into_a_new_optimizer(built: torch.dtype, cast: torch.dtype) -> None:
+    """The fix the error names: a model cast after building the optimizer keeps its fp32 masters through
+    state_dict() into an optimizer built after the cast (the old one, still alive, stays out of its way)."""
+    model = _model(built)
+    opt = CPUOffloadOptimizer(model.parameters(), lr=1e-2)
+    _run(lambda m: opt, model, _batches(2))
+    masters = [m.clone() for m in opt.master_params()]
+    model.to(cast)
+    with pytest.raises(RuntimeError, match=rf"dtype {built} -> {cast}"):
+        opt.step()
+    # The weights hold bf16 values: a master read from them would lose the low bits.
+    assert any(not torch.equal(m, p) for m, p in zip(masters, model.parameters(), strict=True))
+    state = _save_load(opt.state_dict())
+    rebuilt = CPUOffloadOptimizer(model.parameters(), lr=1e-2)
+    rebuilt.load_state_dict(state)
+    for a, b in zip(rebuilt.master_params(), masters, strict=True):
+        assert torch.equal(a, b)
+    _loss(model, _batches(1)[0]).backward()
+    rebuilt.step()  # trains on
