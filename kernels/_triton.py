@@ -34,9 +34,11 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     the tensors it is given; with ``t`` on ``cuda:1`` while ``cuda:0`` is current (one process
     driving several GPUs, e.g. a pipeline split) the kernel would run on the wrong GPU.
     ``torch.cuda.device(t.device)`` makes ``t``'s device (so its current stream) the launch
-    target. A no-op for tensors on other devices (CPU tensors under the interpreter).
+    target. A no-op for tensors on other devices (CPU tensors under the interpreter) and in a
+    process that sees one GPU, where the current device can only be ``t``'s: launches are a hot
+    path (an optimizer step makes one per weight), so they skip the device exchange there.
     """
-    if t.device.type == "cuda":
+    if t.device.type == "cuda" and torch.cuda.device_count() > 1:  # the count is cached by torch
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 

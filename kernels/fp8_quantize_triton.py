@@ -69,6 +69,7 @@ _GRID = {
 }
 
 if HAS_TRITON:
+    from lowmem.kernels.quantize import _group_absmax_tiles  # the absmax pass shared with int8
 
     @triton.jit
     def _to_fp8_grid(y, MANT_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr):
@@ -136,16 +137,9 @@ if HAS_TRITON:
         offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
         mask_g = offs_g < G
 
-        absmax = tl.zeros((BLOCK_G,), dtype=tl.float32)
-        bad = tl.zeros((BLOCK_G,), dtype=tl.int32)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + offs_r
-            mask = mask_g[:, None] & (rr < R)[None, :]
-            x = tl.load(x_ptr + offs_g[:, None] * stride_xg + rr[None, :] * stride_xr, mask=mask, other=0.0)
-            a = tl.abs(x.to(tl.float32))
-            finite = a < float("inf")  # False for NaN too
-            absmax = tl.maximum(absmax, tl.max(tl.where(finite, a, 0.0), axis=1))
-            bad = tl.maximum(bad, tl.max(tl.where(finite, 0, 1), axis=1))
+        absmax, bad = _group_absmax_tiles(
+            x_ptr, offs_g, offs_r, mask_g, R, stride_xg, stride_xr, BLOCK_G, BLOCK_R
+        )
 
         inv, scale = _scale_from_absmax(absmax, bad > 0, FP8_MAX_VAL, TINY_ABSMAX)
         tl.store(scale_ptr + offs_g, scale, mask=mask_g)

@@ -78,6 +78,25 @@ if HAS_TRITON:
         return r + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
 
     @triton.jit
+    def _group_absmax_tiles(
+        x_ptr, offs_g, offs_r, mask_g, R, stride_xg, stride_xr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr
+    ):
+        """Per group (row of the (G, R) view): the absmax of its finite elements (fp32) and 1 if it
+        holds a NaN/inf (int32), reading the group in BLOCK_R chunks. Shared by the int8 and fp8
+        quantizers (lowmem/kernels/fp8_quantize_triton.py)."""
+        absmax = tl.zeros((BLOCK_G,), dtype=tl.float32)
+        bad = tl.zeros((BLOCK_G,), dtype=tl.int32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_r
+            mask = mask_g[:, None] & (rr < R)[None, :]
+            x = tl.load(x_ptr + offs_g[:, None] * stride_xg + rr[None, :] * stride_xr, mask=mask, other=0.0)
+            a = tl.abs(x.to(tl.float32))
+            finite = a < float("inf")  # False for NaN too
+            absmax = tl.maximum(absmax, tl.max(tl.where(finite, a, 0.0), axis=1))
+            bad = tl.maximum(bad, tl.max(tl.where(finite, 0, 1), axis=1))
+        return absmax, bad
+
+    @triton.jit
     def _quantize_int8_kernel(
         x_ptr,
         q_ptr,
@@ -98,16 +117,9 @@ if HAS_TRITON:
         mask_g = offs_g < G
 
         # Pass 1: absmax over finite elements and whether the group holds a non-finite one.
-        absmax = tl.zeros((BLOCK_G,), dtype=tl.float32)
-        bad = tl.zeros((BLOCK_G,), dtype=tl.int32)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + offs_r
-            mask = mask_g[:, None] & (rr < R)[None, :]
-            x = tl.load(x_ptr + offs_g[:, None] * stride_xg + rr[None, :] * stride_xr, mask=mask, other=0.0)
-            a = tl.abs(x.to(tl.float32))
-            finite = a < float("inf")  # False for NaN too
-            absmax = tl.maximum(absmax, tl.max(tl.where(finite, a, 0.0), axis=1))
-            bad = tl.maximum(bad, tl.max(tl.where(finite, 0, 1), axis=1))
+        absmax, bad = _group_absmax_tiles(
+            x_ptr, offs_g, offs_r, mask_g, R, stride_xg, stride_xr, BLOCK_G, BLOCK_R
+        )
 
         zero = absmax <= TINY_ABSMAX
         safe = tl.where(zero, 1.0, absmax)

@@ -52,8 +52,21 @@ def test_on_device_is_a_no_op_for_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -
         pass
 
 
+def test_on_device_skips_the_exchange_with_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One visible GPU: the current device is the tensor's, so no device exchange per launch."""
+
+    def no_exchange(device: object) -> None:
+        raise AssertionError(f"torch.cuda.device entered with one GPU ({device})")
+
+    monkeypatch.setattr(torch.cuda, "device", no_exchange)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with on_device(SimpleNamespace(device=torch.device("cuda", 0))):  # type: ignore[arg-type]
+        pass
+
+
 def test_on_device_enters_the_tensors_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "device", _FakeCudaDevice)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(_FakeCudaDevice, "entered", [])
     fake_cuda_tensor = SimpleNamespace(device=torch.device("cuda", 1))
     with on_device(fake_cuda_tensor):  # type: ignore[arg-type]
